@@ -1,0 +1,44 @@
+"""Celery settings, built from the deployment settings in `tasks.settings`.
+
+Edit the `INGEST_*` environment variables (or `.env`), not this file: see the
+README's "Settings" table. What is here is the fixed behaviour of the system.
+"""
+
+from __future__ import annotations
+
+from tasks.settings import get_settings
+
+_settings = get_settings()
+
+# The broker: SQS. With INGEST_SQS_ENDPOINT empty, boto3 finds AWS credentials the
+# standard way (environment, ~/.aws, instance role) and real SQS is used. The URL
+# never holds credentials, so Flower and the logs cannot show any.
+broker_url = f"sqs://{_settings.sqs_endpoint.split('://', 1)[-1]}" if _settings.uses_local_endpoint else "sqs://"
+broker_transport_options = {
+    "region": _settings.sqs_region,
+    "is_secure": _settings.sqs_endpoint.startswith("https://"),
+    # NOTE: every retry countdown must stay below this, or SQS hands the waiting
+    # message to a second worker; `tasks.settings` refuses settings that break it.
+    "visibility_timeout": _settings.visibility_timeout_s,
+    "wait_time_seconds": _settings.poll_wait_s,
+    "polling_interval": 1,
+}
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+task_default_queue = _settings.queue_name
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+
+# A message is deleted only after its task ends, so the messages of a killed worker
+# come back after the visibility timeout; a child process lost mid-task puts its
+# message back at once.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+worker_send_task_events = _settings.events
+task_send_sent_event = _settings.events
+
+worker_task_log_format = "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"

@@ -1,0 +1,124 @@
+"""Send one `fetch_phrase` task for every row of every CSV file in a directory.
+
+    python enqueue.py [DATA_DIR] [--column NAME] [--encoding NAME] [--delimiter CHAR] [--dry-run]
+
+Exit status: 0 when every row was sent or accounted for, 1 when a row or a file was
+refused (the other rows still ran), 2 for invalid settings or arguments, 3 when
+sending stopped part-way (a re-run resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.application import settings
+from tasks.enqueuer import Enqueuer, EnqueueSummary
+from tasks.errors import DispatchError
+from tasks.journal import RunJournal
+from tasks.queues import ensure_queues
+from tasks.rows import ReadOptions
+
+#: Where run journals are kept, one SQLite file per run.
+RUNS_DIR = Path("var/runs")
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Send one fetch_phrase task per CSV row.")
+    parser.add_argument("data_dir", nargs="?", default="data", type=Path, help="directory of *.csv files (default: data)")
+    parser.add_argument("--column", help="phrase column (default: the only column, else the one named 'phrase')")
+    parser.add_argument("--encoding", help="text encoding of the files, such as cp1252 (default: UTF-8, with or without BOM)")
+    parser.add_argument("--delimiter", help="field delimiter, such as ';' or '\\t' (default: detected from the header)")
+    parser.add_argument("--dry-run", action="store_true", help="read and check every row, send nothing")
+    parser.add_argument("--new-run", action="store_true", help="start a new run even if the last one was interrupted")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"error: data directory {args.data_dir} not found", file=sys.stderr)
+        return EXIT_USAGE
+
+    delimiter = args.delimiter.replace("\\t", "\t") if args.delimiter else None
+    options = ReadOptions(column=args.column, encoding=args.encoding, delimiter=delimiter)
+    started = time.monotonic()
+
+    if args.dry_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            journal = RunJournal.create(Path(scratch), args.data_dir)
+            summary = Enqueuer(args.data_dir, options, journal, dry_run=True).run()
+            journal.close()
+        print_summary(summary, time.monotonic() - started, dry_run=True)
+        return EXIT_OK if summary.ok else EXIT_REFUSED
+
+    ensure_queues(settings)
+    journal = open_journal(args.data_dir, args.new_run)
+    enqueuer = Enqueuer(args.data_dir, options, journal)
+    try:
+        summary = enqueuer.run()
+    except (DispatchError, KeyboardInterrupt) as exc:
+        journal.set_meta("state", "interrupted")
+        journal.close()
+        report_interruption(enqueuer, journal, exc)
+        return EXIT_INTERRUPTED
+
+    journal.set_meta("state", "finished")
+    journal.set_meta("summary", json.dumps(summary.counts()))
+    journal.close()
+    print_summary(summary, time.monotonic() - started, dry_run=False, run_id=journal.run_id)
+    return EXIT_OK if summary.ok else EXIT_REFUSED
+
+
+def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
+    """Resume the newest run if it was interrupted on the same directory, else start one."""
+    latest = RunJournal.latest(RUNS_DIR)
+    if latest is not None and not new_run:
+        journal = RunJournal(latest)
+        meta = journal.meta()
+        if meta.get("state") != "finished" and meta.get("data_dir") == str(data_dir.resolve()):
+            print(f"resuming interrupted run {journal.run_id}", file=sys.stderr)
+            journal.set_meta("state", "running")
+            return journal
+        journal.close()
+    return RunJournal.create(RUNS_DIR, data_dir)
+
+
+def report_interruption(enqueuer: Enqueuer, journal: RunJournal, exc: BaseException) -> None:
+    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+    summary = enqueuer.summary
+    print(
+        f"error: sending stopped at {enqueuer.position} ({reason}).\n"
+        f"  {summary.rows_read:,} rows read; {summary.sent:,} tasks handed to the sender, "
+        f"of which SQS confirmed the ones recorded in run {journal.run_id}.\n"
+        f"  Run the same command again to resume: confirmed rows are not sent twice.",
+        file=sys.stderr,
+    )
+
+
+def print_summary(summary: EnqueueSummary, elapsed_s: float, dry_run: bool, run_id: str = "") -> None:
+    verb = "would send" if dry_run else "sent"
+    rate = summary.rows_read / elapsed_s if elapsed_s > 0 else 0.0
+    lines = [
+        f"files:           {summary.files} read, {summary.files_failed} failed, {summary.files_ignored} ignored",
+        f"rows read:       {summary.rows_read:,}",
+        f"tasks {verb}:{' ' * (10 - len(verb))}{summary.sent:,}",
+        f"already stored:  {summary.already_stored:,}",
+        f"duplicates:      {summary.duplicates:,} (same request as an earlier row, not sent again)",
+        f"sent before:     {summary.sent_before:,} (by the interrupted run this one resumed)",
+        f"refused:         {summary.refused:,} (see the messages above)",
+        f"elapsed:         {elapsed_s:.2f} s ({rate:,.0f} rows/s)",
+    ]
+    if run_id:
+        lines.append(f"run:             {run_id}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

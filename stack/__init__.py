@@ -1,0 +1,1 @@
+"""Local stand-ins for the external services, so the demo, tests and benchmarks run offline."""

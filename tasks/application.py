@@ -1,0 +1,50 @@
+"""The Celery application; `celery -A tasks worker` finds it as `tasks.app`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
+
+from tasks.errors import SettingError
+from tasks.redact import install_redaction
+from tasks.settings import Settings, get_settings
+
+
+def _settings_or_exit() -> Settings:
+    """Return the settings, or stop the program with the one-line reason they are invalid."""
+    try:
+        return get_settings()
+    except SettingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = _settings_or_exit()
+
+app = Celery("tasks")
+app.config_from_object("celeryconfig")
+
+
+#: Loggers whose INFO lines repeat what the task logs itself (received, succeeded, retry)
+#: or say nothing useful per task (botocore's "Found credentials" in every process).
+QUIET_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "botocore.credentials")
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _configure_logs(**_: object) -> None:
+    install_redaction((settings.api_key,))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@worker_init.connect
+def _check_worker_settings(**_: object) -> None:
+    try:
+        settings.require_api_key()
+    except SettingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,132 @@
+"""The run journal: an SQLite file per enqueue run, recording each distinct request sent.
+
+It keeps enqueue.py's memory flat however many rows it reads (duplicates are found
+on disk, not in a Python set), tells `enqueue.py status` what a run sent, and lets an
+interrupted run resume without sending a row twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+#: Rows written between two commits.
+COMMIT_EVERY_ROWS = 5_000
+
+#: SQLite page cache per journal, in KiB (negative means KiB to SQLite).
+CACHE_KIB = 8_192
+
+PENDING = "pending"
+SENT = "sent"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    key TEXT PRIMARY KEY,
+    file TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    state TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class FirstSeen:
+    """Where a request was first seen in a run, and whether it was already sent."""
+
+    file: str
+    line: int
+    state: str
+
+
+class RunJournal:
+    """One run's journal file; open with `create` or `open_existing`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("BEGIN")
+        self._uncommitted = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.path.stem
+
+    @classmethod
+    def create(cls, runs_dir: Path, data_dir: Path) -> RunJournal:
+        """Start a new run journal in `runs_dir`, named by the UTC start time."""
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        journal = cls(runs_dir / f"{stamp}.sqlite")
+        journal.set_meta("data_dir", str(data_dir.resolve()))
+        journal.set_meta("started_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        journal.set_meta("state", "running")
+        journal.commit()
+        return journal
+
+    @classmethod
+    def latest(cls, runs_dir: Path) -> Path | None:
+        """Return the newest journal file in `runs_dir`, or None."""
+        journals = sorted(runs_dir.glob("*.sqlite")) if runs_dir.is_dir() else []
+        return journals[-1] if journals else None
+
+    def claim(self, key: str, file: str, line: int) -> FirstSeen | None:
+        """Record a request as pending; return None if new, else where it was first seen."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO requests (key, file, line, state) VALUES (?, ?, ?, ?)",
+            (key, file, line, PENDING),
+        )
+        self._count_write()
+        if cursor.rowcount == 1:
+            return None
+
+        first_file, first_line, state = self._db.execute(
+            "SELECT file, line, state FROM requests WHERE key = ?", (key,)
+        ).fetchone()
+        return FirstSeen(first_file, first_line, state)
+
+    def mark_sent(self, keys: Iterable[str]) -> None:
+        """Record that SQS accepted the messages for these requests."""
+        self._db.executemany(
+            "UPDATE requests SET state = ? WHERE key = ?", ((SENT, key) for key in keys)
+        )
+        self._count_write()
+
+    def pending(self) -> Iterable[tuple[str, str, int]]:
+        """Yield (key, file, line) of every request not yet accepted by SQS."""
+        yield from self._db.execute(
+            "SELECT key, file, line FROM requests WHERE state = ? ORDER BY file, line", (PENDING,)
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of requests in each state."""
+        rows = self._db.execute("SELECT state, COUNT(*) FROM requests GROUP BY state")
+        return {PENDING: 0, SENT: 0} | dict(rows.fetchall())
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._uncommitted = 0
+
+    def close(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.close()
+
+    def _count_write(self) -> None:
+        self._uncommitted += 1
+        if self._uncommitted >= COMMIT_EVERY_ROWS:
+            self.commit()
+

@@ -1,0 +1,1 @@
+"""Where rows are looked up: one module per REST source."""
