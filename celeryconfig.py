@@ -13,7 +13,11 @@ _settings = get_settings()
 # The broker: SQS. With INGEST_SQS_ENDPOINT empty, boto3 finds AWS credentials the
 # standard way (environment, ~/.aws, instance role) and real SQS is used. The URL
 # never holds credentials, so Flower and the logs cannot show any.
-broker_url = f"sqs://{_settings.sqs_endpoint.split('://', 1)[-1]}" if _settings.uses_local_endpoint else "sqs://"
+broker_url = (
+    f"sqs://{_settings.sqs_endpoint.split('://', 1)[-1]}"
+    if _settings.uses_local_endpoint
+    else "sqs://"
+)
 broker_transport_options = {
     "region": _settings.sqs_region,
     "is_secure": _settings.sqs_endpoint.startswith("https://"),
@@ -41,4 +45,6 @@ worker_prefetch_multiplier = 1
 worker_send_task_events = _settings.events
 task_send_sent_event = _settings.events
 
-worker_task_log_format = "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"
+worker_task_log_format = (
+    "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"
+)

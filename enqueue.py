@@ -23,20 +23,37 @@ from tasks.journal import RunJournal
 from tasks.queues import ensure_queues
 from tasks.rows import ReadOptions
 
-#: Where run journals are kept, one SQLite file per run.
-RUNS_DIR = Path("var/runs")
-
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Send one fetch_phrase task per CSV row.")
-    parser.add_argument("data_dir", nargs="?", default="data", type=Path, help="directory of *.csv files (default: data)")
-    parser.add_argument("--column", help="phrase column (default: the only column, else the one named 'phrase')")
-    parser.add_argument("--encoding", help="text encoding of the files, such as cp1252 (default: UTF-8, with or without BOM)")
-    parser.add_argument("--delimiter", help="field delimiter, such as ';' or '\\t' (default: detected from the header)")
-    parser.add_argument("--dry-run", action="store_true", help="read and check every row, send nothing")
-    parser.add_argument("--new-run", action="store_true", help="start a new run even if the last one was interrupted")
+    parser.add_argument(
+        "data_dir",
+        nargs="?",
+        default="data",
+        type=Path,
+        help="directory of *.csv files (default: data)",
+    )
+    parser.add_argument(
+        "--column", help="phrase column (default: the only column, else the one named 'phrase')"
+    )
+    parser.add_argument(
+        "--encoding",
+        help="text encoding of the files, such as cp1252 (default: UTF-8, with or without BOM)",
+    )
+    parser.add_argument(
+        "--delimiter",
+        help="field delimiter, such as ';' or '\\t' (default: detected from the header)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="read and check every row, send nothing"
+    )
+    parser.add_argument(
+        "--new-run",
+        action="store_true",
+        help="start a new run even if the last one was interrupted",
+    )
     return parser
 
 
@@ -78,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
     """Resume the newest run if it was interrupted on the same directory, else start one."""
-    latest = RunJournal.latest(RUNS_DIR)
+    latest = RunJournal.latest(settings.runs_dir)
     if latest is not None and not new_run:
         journal = RunJournal(latest)
         meta = journal.meta()
@@ -87,7 +104,7 @@ def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
             journal.set_meta("state", "running")
             return journal
         journal.close()
-    return RunJournal.create(RUNS_DIR, data_dir)
+    return RunJournal.create(settings.runs_dir, data_dir)
 
 
 def report_interruption(enqueuer: Enqueuer, journal: RunJournal, exc: BaseException) -> None:
@@ -102,7 +119,9 @@ def report_interruption(enqueuer: Enqueuer, journal: RunJournal, exc: BaseExcept
     )
 
 
-def print_summary(summary: EnqueueSummary, elapsed_s: float, dry_run: bool, run_id: str = "") -> None:
+def print_summary(
+    summary: EnqueueSummary, elapsed_s: float, dry_run: bool, run_id: str = ""
+) -> None:
     verb = "would send" if dry_run else "sent"
     rate = summary.rows_read / elapsed_s if elapsed_s > 0 else 0.0
     lines = [

@@ -1,1 +1,1 @@
-"""Local stand-ins for the external services, so the demo, tests and benchmarks run offline."""
+"""Local stack that runs offline on 127.0.0.1: SQS endpoint, phrase-API stand-in and workers."""

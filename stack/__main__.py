@@ -25,17 +25,13 @@ VAR_DIR = ROOT / "var"
 #: Fixed ports of `up`, so that another terminal can reach the stack.
 UP_SQS_PORT, UP_API_PORT, UP_FLOWER_PORT = 9324, 8080, 5555
 
-#: Seconds between two looks at the queue while waiting for the tasks to end.
-POLL_INTERVAL_S = 1.0
-
-#: Consecutive looks that must find the queue empty before the run counts as done.
-EMPTY_POLLS_NEEDED = 3
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack")
     parser.add_argument("command", choices=["demo", "up"])
-    parser.add_argument("--data", default="data", help="data directory for the demo (default: data)")
+    parser.add_argument(
+        "--data", default="data", help="data directory for the demo (default: data)"
+    )
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -61,12 +57,14 @@ def run_demo(data_dir: Path) -> int:
         stack.start_phrase_api()
         stack.start_worker("worker", 4)
 
-        enqueue = subprocess.run([sys.executable, "enqueue.py", str(data_dir)], cwd=ROOT, env=stack.env())
+        enqueue = subprocess.run(
+            [sys.executable, "enqueue.py", str(data_dir)], cwd=ROOT, env=stack.env()
+        )
         if enqueue.returncode not in (0, 1):
             raise RuntimeError(f"enqueue.py exited with status {enqueue.returncode}")
 
         print("waiting for the worker to finish every task ...")
-        _wait_until_drained(stack)
+        stack.wait_until_drained(timeout_s=3600)
 
     counts_after = _store_counts(store_dir)
     summary = _last_enqueue_summary()
@@ -96,20 +94,6 @@ def run_up() -> int:
         raise RuntimeError(f"{', '.join(stopped)} stopped; see {stack.log_dir}")
 
 
-def _wait_until_drained(stack: LocalStack) -> None:
-    from tasks.queues import queue_depth
-    from tasks.settings import load_settings
-
-    settings = load_settings(stack.env())
-    empty_polls = 0
-    while empty_polls < EMPTY_POLLS_NEEDED:
-        time.sleep(POLL_INTERVAL_S)
-        if any(process.poll() is not None for process in stack.processes.values()):
-            raise RuntimeError(f"a process of the stack stopped early; see {stack.log_dir}")
-        depth = queue_depth(settings)
-        empty_polls = empty_polls + 1 if sum(depth.values()) == 0 else 0
-
-
 def _store_counts(store_dir: Path) -> dict[str, int]:
     return {
         "stored": _count_lines(store_dir / "manifest.jsonl"),
@@ -137,7 +121,11 @@ def _last_enqueue_summary() -> dict[str, int]:
 
 
 def _print_demo_summary(
-    summary: dict[str, int], before: dict[str, int], after: dict[str, int], elapsed_s: float, store_dir: Path
+    summary: dict[str, int],
+    before: dict[str, int],
+    after: dict[str, int],
+    elapsed_s: float,
+    store_dir: Path,
 ) -> None:
     stored = after["stored"] - before["stored"]
     failed = after["failed"] - before["failed"]
@@ -159,7 +147,9 @@ def _write_env_file(stack: LocalStack, path: Path) -> None:
     """Write the settings another terminal needs to reach this stack (mode 0600: it holds the key)."""
     values = dict(LOCAL_AWS_ENV)
     values.update(
-        INGEST_SQS_ENDPOINT=stack.sqs_endpoint, INGEST_API_URL=stack.api_url, INGEST_API_KEY=stack.api_key
+        INGEST_SQS_ENDPOINT=stack.sqs_endpoint,
+        INGEST_API_URL=stack.api_url,
+        INGEST_API_KEY=stack.api_key,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)

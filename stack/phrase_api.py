@@ -1,10 +1,10 @@
 """Serve a local stand-in for the Capitol Words phrase-search API, with fault injection.
 
-The server answers ``GET {base}/phrases/legislator.json?phrase=...&apikey=...`` with JSON
+The server responds to ``GET {base}/phrases/legislator.json?phrase=...&apikey=...`` with JSON
 results derived from a SHA-256 hash of the phrase, so one phrase and ``per_page`` always get
-the same bytes. Injected faults (500/503, 429, slow answers, dropped connections and scripted
+the same bytes. Injected faults (500/503, 429, slow responses, dropped connections and scripted
 status sequences) are chosen from a hash of the seed, the phrase and the number of earlier
-requests for that phrase. A rerun against a fresh or reset server therefore sees the same
+requests for that phrase. A rerun against a fresh or reset server therefore gets the same
 faults in the same order.
 
 Command line: ``INGEST_API_KEY=... python -m stack.phrase_api --port 8080``. When ready it
@@ -52,15 +52,17 @@ STATS_PATH = "/_stats"
 RESET_PATH = "/_reset"
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
-DEFAULT_PER_PAGE = 50  # results per answer when the request has no per_page
+DEFAULT_PER_PAGE = 50  # results per response when the request has no per_page
 DEFAULT_RETRY_AFTER_S = 1  # seconds, sent in the Retry-After header of injected 429s
-DEFAULT_SLOW_SECONDS = 30.0  # seconds a slow answer waits, longer than typical read timeouts
+DEFAULT_SLOW_SECONDS = (
+    30.0  # seconds a slow response waits, meant to exceed the client read timeout
+)
 RATE_SUM_TOLERANCE = 1e-9  # slack for float rounding when the fault rates must add up to <= 1
 
 # Pending connections the kernel queues before accept(). Linux caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 512
 IDLE_TIMEOUT_S = 60.0  # seconds a keep-alive connection may wait for its next request
-SHUTDOWN_POLL_INTERVAL_S = 0.05  # seconds; how quickly serve_forever notices stop()
+SHUTDOWN_POLL_INTERVAL_S = 0.05  # seconds between the checks of serve_forever for stop()
 STOP_JOIN_TIMEOUT_S = 5.0  # seconds stop() waits for the serving thread to exit
 SIGNAL_POLL_INTERVAL_S = 0.5  # seconds between checks for SIGTERM/SIGINT in the CLI
 MAX_REQUEST_BODY_BYTES = 64 * 1024  # larger request bodies get 413 and the connection closes
@@ -77,8 +79,8 @@ OK_STATUS = 200
 THROTTLE_STATUS = 429
 ERROR_STATUSES = (500, 503)
 
-# One step of a fault script: an HTTP status to send (200 is the normal answer), DROP to
-# close the connection without an answer, or SLOW to wait slow_seconds and then answer 200.
+# One step of a fault script: an HTTP status to send (200 is the normal response), DROP to
+# close the connection without a response, or SLOW to wait slow_seconds and then send 200.
 Step = int | Literal["drop", "slow"]
 
 _FIRST_NAMES = (
@@ -108,7 +110,7 @@ class Faults:
     is compared with the rates in the fixed order drop, slow, throttle, error, so the rates
     must add up to at most 1. A phrase in ``scripts`` ignores the rates: its n-th request
     gets step n of its script, and requests after the end repeat the last step.
-    ``latency_ms`` is added before every answer on the API paths, faults included.
+    ``latency_ms`` is added before every response outside /_stats and /_reset, faults included.
     """
 
     seed: int = 0
@@ -239,7 +241,12 @@ def _build_legislator_pool() -> tuple[dict[str, str], ...]:
         first = _FIRST_NAMES[index % len(_FIRST_NAMES)]
         last = _LAST_NAMES[(index // len(_FIRST_NAMES)) % len(_LAST_NAMES)]
         traits = _digest("legislator", index)
-        party = "D" if traits[0] < 122 else "R" if traits[0] < 244 else "I"
+        party = "I"  # about 5 % independents, the rest split evenly
+        if traits[0] < 122:
+            party = "D"
+        elif traits[0] < 244:
+            party = "R"
+
         pool.append(
             {
                 "name": f"{first} {last}",
@@ -347,7 +354,7 @@ def _parse_phrase_params(params: Mapping[str, list[str]]) -> tuple[str, int]:
         raise _InvalidQueryError(message)
     per_page = min(int(per_page_text), LEGISLATOR_POOL_SIZE)  # no phrase matches more
 
-    # The dates are checked like the real API would, but they do not change the results.
+    # The dates must be ISO dates, but they do not change the results.
     start = _parse_date_param(params, "start_date")
     end = _parse_date_param(params, "end_date")
     if start is not None and end is not None and start > end:
@@ -393,7 +400,7 @@ class _PhraseApiHandler(BaseHTTPRequestHandler):
 
         url = urlsplit(self.path)
         if url.path == STATS_PATH:
-            self._serve_control(lambda: self.server.counters.snapshot())
+            self._serve_control(self.server.counters.snapshot)
         elif url.path == RESET_PATH:
             self._send(HTTPStatus.METHOD_NOT_ALLOWED, _error_body("use POST"), {"Allow": "POST"})
         elif url.path == self.server.phrases_path:
@@ -490,7 +497,7 @@ class _PhraseApiHandler(BaseHTTPRequestHandler):
         return self._wait(self.server.faults.latency_ms / 1000)
 
     def _wait(self, seconds: float) -> bool:
-        """Sleep, and return False with the connection marked for closing if stop() came first."""
+        """Sleep. Return False, with the connection marked for closing, if stop() came first."""
         if seconds > 0 and self.server.stopping.wait(seconds):
             self.close_connection = True
             return False
@@ -622,7 +629,7 @@ class _PhraseApiHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: tuple[str, int]) -> None:  # type: ignore[override]
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, TimeoutError)):
-            # Clients that time out or hang up mid-answer are expected under fault injection.
+            # Clients that time out or disconnect mid-response are expected under fault injection.
             logger.debug("connection from %s ended early: %r", client_address, error)
             return
 
@@ -646,7 +653,7 @@ class PhraseApiServer:
         base_path: str = DEFAULT_BASE_PATH,
         access_log: bool = False,
     ) -> None:
-        """Store the settings without binding. Raises ValueError on an empty key or base path."""
+        """Store the settings, so start() binds the port. Raises ValueError on an invalid one."""
         if not key:
             raise ValueError("the API key must not be empty")
         normalized_base = base_path.rstrip("/")
@@ -692,7 +699,12 @@ class PhraseApiServer:
         return f"http://{self._host}:{self.port}{self.base_path}"
 
     def stats(self) -> dict[str, object]:
-        """Return the counts that GET /_stats sends."""
+        """Return the counts that GET /_stats sends.
+
+        ``requests`` counts every response and dropped connection outside /_stats and /_reset.
+        ``by_phrase`` counts only requests that passed the key and parameter checks, and
+        ``by_status`` maps each status code, or ``"drop"``, to its count.
+        """
         return self._running_server().counters.snapshot()
 
     def reset(self) -> None:
@@ -700,10 +712,10 @@ class PhraseApiServer:
         self._running_server().counters.reset()
 
     def stop(self) -> None:
-        """Stop serving, wake sleeping answers and close live connections. Safe to repeat.
+        """Stop serving, wake waiting handlers and close live connections. Safe to repeat.
 
-        Answers that are waiting for latency or a slow fault close their connection without
-        an answer.
+        Requests that are waiting for latency or a slow fault get no response, because their
+        connection is closed.
         """
         httpd, thread = self._httpd, self._thread
         if httpd is None or thread is None:
@@ -772,6 +784,12 @@ def _build_parser() -> argparse.ArgumentParser:
             f"The expected API key is read from the environment variable {API_KEY_ENV_VAR}."
         ),
     )
+    _add_server_options(parser)
+    _add_fault_options(parser)
+    return parser
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="IPv4 address or host name to bind")
     parser.add_argument(
         "--port",
@@ -780,48 +798,56 @@ def _build_parser() -> argparse.ArgumentParser:
         help="TCP port to bind, 0 picks a free one",
     )
     parser.add_argument("--base-path", default=DEFAULT_BASE_PATH, help="URL path prefix of the API")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per API request to stderr (the API key is never logged)",
+    )
+
+
+def _add_fault_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault choice")
     parser.add_argument(
         "--latency-ms",
         type=_non_negative_float_arg,
         default=0.0,
-        help="milliseconds added before every API answer",
+        help="milliseconds added before every API response",
     )
     parser.add_argument(
         "--error-rate",
         type=_fraction_arg,
         default=0.0,
-        help="fraction of phrase requests answered 500 or 503",
+        help="fraction of phrase requests that get 500 or 503",
     )
     parser.add_argument(
         "--throttle-rate",
         type=_fraction_arg,
         default=0.0,
-        help="fraction of phrase requests answered 429 with Retry-After",
+        help="fraction of phrase requests that get 429 with Retry-After",
     )
     parser.add_argument(
         "--retry-after",
         type=_non_negative_int_arg,
         default=DEFAULT_RETRY_AFTER_S,
-        help="seconds sent in the Retry-After header of 429 answers",
+        help="seconds sent in the Retry-After header of 429 responses",
     )
     parser.add_argument(
         "--slow-rate",
         type=_fraction_arg,
         default=0.0,
-        help="fraction of phrase requests that wait --slow-seconds before answering 200",
+        help="fraction of phrase requests that wait --slow-seconds before the 200 response",
     )
     parser.add_argument(
         "--slow-seconds",
         type=_non_negative_float_arg,
         default=DEFAULT_SLOW_SECONDS,
-        help="seconds a slow answer waits",
+        help="seconds a slow response waits before it is sent",
     )
     parser.add_argument(
         "--drop-rate",
         type=_fraction_arg,
         default=0.0,
-        help="fraction of phrase requests whose connection is closed without an answer",
+        help="fraction of phrase requests whose connection is closed without a response",
     )
     parser.add_argument(
         "--script",
@@ -830,16 +856,10 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PHRASE=STEP,...",
         help=(
-            "exact steps for one phrase, repeatable; a step is an HTTP status, drop or slow, "
-            "and the last step repeats (example: Narnia=503,429,200)"
+            "exact steps for one phrase, repeatable. A step is an HTTP status, drop or slow, "
+            "and the last step repeats (example: Narnia=503,429,200)."
         ),
     )
-    parser.add_argument(
-        "--access-log",
-        action="store_true",
-        help="log one line per API request to stderr (never the API key)",
-    )
-    return parser
 
 
 def _faults_from_args(args: argparse.Namespace) -> Faults:
@@ -864,7 +884,7 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
 
 
 def _install_stop_handlers() -> threading.Event:
-    """Return an event that SIGTERM or SIGINT sets, after logging the signal's name."""
+    """Install SIGTERM and SIGINT handlers that log the signal and set the returned event."""
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -912,7 +932,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
     except OSError as exc:
-        print(f"phrase-api: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        address = f"{args.host}:{args.port}"
+        print(
+            f"phrase-api: failed to listen on {address}: {exc}. Choose another --port.",
+            file=sys.stderr,
+        )
         return 1
 
     print(f"phrase-api listening on {server.url}", flush=True)

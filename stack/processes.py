@@ -16,6 +16,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import boto3
 
 #: Repository root: the working directory of every process started here.
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +46,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen | None = None, timeout_s: float = START_TIMEOUT_S
+) -> None:
     """Wait until 127.0.0.1:`port` accepts connections; raise RuntimeError if it never does."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process {process.args!r} exited with status {process.returncode} before listening")
+            raise RuntimeError(
+                f"process {process.args!r} exited with status {process.returncode} before listening"
+            )
         try:
             with socket.create_connection((HOST, port), timeout=0.5):
                 return
@@ -109,23 +116,55 @@ class LocalStack:
 
     def start_phrase_api(self, *fault_options: str) -> None:
         """Start the phrase-API stand-in, with optional fault options such as `--error-rate 0.2`."""
-        command = [sys.executable, "-m", "stack.phrase_api", "--host", HOST, "--port", str(self.api_port), *fault_options]
+        command = [
+            sys.executable,
+            "-m",
+            "stack.phrase_api",
+            "--host",
+            HOST,
+            "--port",
+            str(self.api_port),
+            *fault_options,
+        ]
         process = self.spawn("phrase-api", command, self.env())
         wait_for_port(self.api_port, process)
 
-    def start_worker(self, name: str = "worker", concurrency: int = 4, *extra: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def start_worker(
+        self,
+        name: str = "worker",
+        concurrency: int = 4,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen:
         """Start `celery -A tasks worker` and wait until it is ready to consume."""
         log_path = self.log_dir / f"{name}.log"
         command = [
-            sys.executable, "-m", "celery", "-A", "tasks", "worker",
-            f"--concurrency={concurrency}", "--loglevel=INFO", f"--hostname={name}@%h", *extra,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            f"--concurrency={concurrency}",
+            "--loglevel=INFO",
+            f"--hostname={name}@%h",
+            *extra,
         ]
         process = self.spawn(name, command, self.env(**dict(env or {})))
         wait_for_log(log_path, "ready.", process)
         return process
 
     def start_flower(self, port: int = 5555) -> subprocess.Popen:
-        command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--address={HOST}", f"--port={port}"]
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "flower",
+            f"--address={HOST}",
+            f"--port={port}",
+        ]
         process = self.spawn("flower", command, self.env())
         wait_for_port(port, process)
         return process
@@ -135,12 +174,53 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
         process = subprocess.Popen(
-            command, cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            command,
+            cwd=ROOT,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         self.processes[name] = process
         return process
+
+    def wait_until_drained(self, timeout_s: float = 300.0, empty_polls: int = 3) -> None:
+        """Wait until the task queue has no waiting, in-flight or delayed message.
+
+        The queue must look empty on `empty_polls` looks in a row, one second apart,
+        because SQS's counts are approximate. Raises RuntimeError on timeout or when a
+        process of the stack has stopped.
+        """
+        from tasks.queues import queue_depth
+
+        client = self.sqs_client()
+        queue = self.env().get("INGEST_QUEUE", "phrases")
+        deadline = time.monotonic() + timeout_s
+        seen_empty = 0
+        while seen_empty < empty_polls:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"tasks still queued after {timeout_s:.0f} s: {queue_depth(client, queue)}"
+                )
+            stopped = [
+                name for name, process in self.processes.items() if process.poll() is not None
+            ]
+            if stopped:
+                raise RuntimeError(f"{', '.join(stopped)} stopped early; see {self.log_dir}")
+            time.sleep(1.0)
+            seen_empty = seen_empty + 1 if sum(queue_depth(client, queue).values()) == 0 else 0
+
+    def sqs_client(self) -> Any:
+        """Return a boto3 SQS client for this stack's endpoint."""
+        return boto3.client(
+            "sqs",
+            endpoint_url=self.sqs_endpoint,
+            region_name=LOCAL_AWS_ENV["AWS_DEFAULT_REGION"],
+            aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=LOCAL_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Send `sig` to a process's group and wait for it, killing it after STOP_TIMEOUT_S."""
@@ -160,14 +240,18 @@ class LocalStack:
             self.stop_process(name)
 
 
-def wait_for_log(path: Path, text: str, process: subprocess.Popen, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_for_log(
+    path: Path, text: str, process: subprocess.Popen, timeout_s: float = START_TIMEOUT_S
+) -> None:
     """Wait until `text` appears in the log at `path`; raise RuntimeError if the process dies first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.exists() and text in path.read_text(errors="replace"):
             return
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[3:6]} exited with status {process.returncode}; see {path}")
+            raise RuntimeError(
+                f"{process.args[3:6]} exited with status {process.returncode}; see {path}"
+            )
         time.sleep(0.2)
     raise RuntimeError(f"{text!r} not in {path} after {timeout_s:.0f} s")
 

@@ -120,7 +120,9 @@ class BatchSender:
         entries = batch
 
         for attempt in range(1, BATCH_ATTEMPTS + 1):
-            request = [{"Id": entry["Id"], "MessageBody": entry["MessageBody"]} for entry in entries]
+            request = [
+                {"Id": entry["Id"], "MessageBody": entry["MessageBody"]} for entry in entries
+            ]
             try:
                 reply = client.send_message_batch(QueueUrl=self._queue_url, Entries=request)
             except Exception as exc:  # boto3 raises many types; every one fails the batch
@@ -129,7 +131,9 @@ class BatchSender:
             else:
                 failed = reply.get("Failed", [])
                 failed_ids = {item["Id"] for item in failed}
-                failed_reason = "; ".join(item.get("Message", item.get("Code", "")) for item in failed)
+                failed_reason = "; ".join(
+                    item.get("Message", item.get("Code", "")) for item in failed
+                )
 
             self._on_sent([entry["tag"] for entry in entries if entry["Id"] not in failed_ids])
             if not failed_ids:

@@ -123,7 +123,10 @@ class Enqueuer:
         if first is not None and (first.file, first.line) != (item.file, item.line):
             self.summary.duplicates += 1
             if self.summary.duplicates <= MAX_DUPLICATES_SHOWN:
-                print(f"{item.file}:{item.line}: duplicate of {first.file}:{first.line}, not sent again", file=self._out)
+                print(
+                    f"{item.file}:{item.line}: duplicate of {first.file}:{first.line}, not sent again",
+                    file=self._out,
+                )
             return
         if first is not None and first.state == SENT:
             self.summary.sent_before += 1

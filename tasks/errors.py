@@ -18,7 +18,9 @@ class FetchError(Exception):
 class RetryableError(FetchError):
     """A transient fault (connection error, timeout, 5xx, 429) that a later try may not hit."""
 
-    def __init__(self, message: str, status: int | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message, status)
         self.retry_after_s = retry_after_s
 

@@ -129,4 +129,3 @@ class RunJournal:
         self._uncommitted += 1
         if self._uncommitted >= COMMIT_EVERY_ROWS:
             self.commit()
-

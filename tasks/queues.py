@@ -21,7 +21,9 @@ def sqs_client(settings: Settings) -> Any:
     """Return a boto3 SQS client for the configured endpoint (real AWS when none is set)."""
     config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3})
     endpoint = settings.sqs_endpoint or None
-    return boto3.client("sqs", region_name=settings.sqs_region, endpoint_url=endpoint, config=config)
+    return boto3.client(
+        "sqs", region_name=settings.sqs_region, endpoint_url=endpoint, config=config
+    )
 
 
 def dead_letter_queue_name(settings: Settings) -> str:
@@ -54,10 +56,9 @@ def ensure_queues(settings: Settings) -> str:
     return _create_or_update(client, settings.queue_name, attributes)
 
 
-def queue_depth(settings: Settings, queue_name: str | None = None) -> dict[str, int]:
-    """Return the approximate counts of waiting, in-flight and delayed messages."""
-    client = sqs_client(settings)
-    url = client.get_queue_url(QueueName=queue_name or settings.queue_name)["QueueUrl"]
+def queue_depth(client: Any, queue_name: str) -> dict[str, int]:
+    """Return the approximate counts of waiting, in-flight and delayed messages in a queue."""
+    url = client.get_queue_url(QueueName=queue_name)["QueueUrl"]
     names = [
         "ApproximateNumberOfMessages",
         "ApproximateNumberOfMessagesNotVisible",

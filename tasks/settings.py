@@ -69,6 +69,8 @@ class Settings:
     retry_backoff_max_s: float = 120.0
 
     store_dir: Path = Path("var/store")
+    #: Where enqueue.py keeps one journal file per run.
+    runs_dir: Path = Path("var/runs")
 
     @property
     def max_countdown_s(self) -> float:
@@ -93,7 +95,9 @@ def get_settings() -> Settings:
     return load_settings()
 
 
-def load_settings(environ: Mapping[str, str] | None = None, env_file: Path = Path(".env")) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path = Path(".env")
+) -> Settings:
     """Read and check every `INGEST_*` setting.
 
     Values in `environ` (default: the process environment) win over those in `env_file`.
@@ -105,27 +109,94 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path = Pat
     defaults = Settings()
 
     settings = Settings(
-        sqs_endpoint=reader.get("INGEST_SQS_ENDPOINT", defaults.sqs_endpoint, _url_or_empty, "an http(s) URL, or empty for AWS"),
-        sqs_region=reader.get("INGEST_SQS_REGION", defaults.sqs_region, _nonempty, "an AWS region such as us-east-1"),
-        queue_name=reader.get("INGEST_QUEUE", defaults.queue_name, _queue_name, "1-80 letters, digits, - or _"),
-        visibility_timeout_s=reader.get(
-            "INGEST_VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s, _int_range(60, SQS_MAX_VISIBILITY_TIMEOUT_S), "whole seconds from 60 to 43200"
+        sqs_endpoint=reader.get(
+            "INGEST_SQS_ENDPOINT",
+            defaults.sqs_endpoint,
+            _url_or_empty,
+            "an http(s) URL, or empty for AWS",
         ),
-        max_receives=reader.get("INGEST_MAX_RECEIVES", defaults.max_receives, _int_range(0, 1000), "a whole number from 0 (no dead-letter queue) to 1000"),
-        poll_wait_s=reader.get("INGEST_POLL_WAIT_S", defaults.poll_wait_s, _int_range(0, 20), "whole seconds from 0 to 20"),
+        sqs_region=reader.get(
+            "INGEST_SQS_REGION", defaults.sqs_region, _nonempty, "an AWS region such as us-east-1"
+        ),
+        queue_name=reader.get(
+            "INGEST_QUEUE", defaults.queue_name, _queue_name, "1-80 letters, digits, - or _"
+        ),
+        visibility_timeout_s=reader.get(
+            "INGEST_VISIBILITY_TIMEOUT_S",
+            defaults.visibility_timeout_s,
+            _int_range(60, SQS_MAX_VISIBILITY_TIMEOUT_S),
+            "whole seconds from 60 to 43200",
+        ),
+        max_receives=reader.get(
+            "INGEST_MAX_RECEIVES",
+            defaults.max_receives,
+            _int_range(0, 1000),
+            "a whole number from 0 (no dead-letter queue) to 1000",
+        ),
+        poll_wait_s=reader.get(
+            "INGEST_POLL_WAIT_S",
+            defaults.poll_wait_s,
+            _int_range(0, 20),
+            "whole seconds from 0 to 20",
+        ),
         events=reader.get("INGEST_EVENTS", defaults.events, _boolean, "on or off"),
-        api_url=reader.get("INGEST_API_URL", defaults.api_url, _url, "an http(s) URL such as http://127.0.0.1:8080/api/1"),
+        api_url=reader.get(
+            "INGEST_API_URL",
+            defaults.api_url,
+            _url,
+            "an http(s) URL such as http://127.0.0.1:8080/api/1",
+        ),
         api_key=reader.get("INGEST_API_KEY", "", str, "the phrase API key", secret=True),
-        per_page=reader.get("INGEST_PER_PAGE", defaults.per_page, _int_range(1, 10_000), "a whole number from 1 to 10000"),
-        start_date=reader.get("INGEST_START_DATE", defaults.start_date, _date_or_empty, "a date YYYY-MM-DD, or empty"),
-        end_date=reader.get("INGEST_END_DATE", defaults.end_date, _date_or_empty, "a date YYYY-MM-DD, or empty"),
-        connect_timeout_s=reader.get("INGEST_CONNECT_TIMEOUT_S", defaults.connect_timeout_s, _float_range(0.1, 120), "seconds from 0.1 to 120"),
-        read_timeout_s=reader.get("INGEST_READ_TIMEOUT_S", defaults.read_timeout_s, _float_range(0.1, 600), "seconds from 0.1 to 600"),
-        rate_limit=reader.get("INGEST_RATE_LIMIT", defaults.rate_limit, _rate_limit, "a Celery rate such as 10/s, 600/m or 36000/h, or empty for none"),
-        max_retries=reader.get("INGEST_MAX_RETRIES", defaults.max_retries, _int_range(0, 100), "a whole number from 0 to 100"),
-        retry_backoff_s=reader.get("INGEST_RETRY_BACKOFF_S", defaults.retry_backoff_s, _float_range(0, 900), "seconds from 0 to 900"),
-        retry_backoff_max_s=reader.get("INGEST_RETRY_BACKOFF_MAX_S", defaults.retry_backoff_max_s, _float_range(0, 900), "seconds from 0 to 900"),
+        per_page=reader.get(
+            "INGEST_PER_PAGE",
+            defaults.per_page,
+            _int_range(1, 10_000),
+            "a whole number from 1 to 10000",
+        ),
+        start_date=reader.get(
+            "INGEST_START_DATE", defaults.start_date, _date_or_empty, "a date YYYY-MM-DD, or empty"
+        ),
+        end_date=reader.get(
+            "INGEST_END_DATE", defaults.end_date, _date_or_empty, "a date YYYY-MM-DD, or empty"
+        ),
+        connect_timeout_s=reader.get(
+            "INGEST_CONNECT_TIMEOUT_S",
+            defaults.connect_timeout_s,
+            _float_range(0.1, 120),
+            "seconds from 0.1 to 120",
+        ),
+        read_timeout_s=reader.get(
+            "INGEST_READ_TIMEOUT_S",
+            defaults.read_timeout_s,
+            _float_range(0.1, 600),
+            "seconds from 0.1 to 600",
+        ),
+        rate_limit=reader.get(
+            "INGEST_RATE_LIMIT",
+            defaults.rate_limit,
+            _rate_limit,
+            "a Celery rate such as 10/s, 600/m or 36000/h, or empty for none",
+        ),
+        max_retries=reader.get(
+            "INGEST_MAX_RETRIES",
+            defaults.max_retries,
+            _int_range(0, 100),
+            "a whole number from 0 to 100",
+        ),
+        retry_backoff_s=reader.get(
+            "INGEST_RETRY_BACKOFF_S",
+            defaults.retry_backoff_s,
+            _float_range(0, 900),
+            "seconds from 0 to 900",
+        ),
+        retry_backoff_max_s=reader.get(
+            "INGEST_RETRY_BACKOFF_MAX_S",
+            defaults.retry_backoff_max_s,
+            _float_range(0, 900),
+            "seconds from 0 to 900",
+        ),
         store_dir=reader.get("INGEST_STORE_DIR", defaults.store_dir, Path, "a directory path"),
+        runs_dir=reader.get("INGEST_RUNS_DIR", defaults.runs_dir, Path, "a directory path"),
     )
     _check_retry_window(settings)
     return settings
@@ -149,7 +220,14 @@ class _Reader:
     def __init__(self, values: Mapping[str, str]) -> None:
         self._values = values
 
-    def get(self, name: str, default: T | None, parse: Callable[[str], T], expected: str, secret: bool = False) -> T:
+    def get(
+        self,
+        name: str,
+        default: T | None,
+        parse: Callable[[str], T],
+        expected: str,
+        secret: bool = False,
+    ) -> T:
         raw = self._values.get(name)
         if raw is None:
             if default is None:

@@ -39,7 +39,7 @@ API_KEY = "test-key-4f9c21"  # a made-up key that only these tests use
 ENDPOINT = "/phrases/legislator.json"
 READY_TIMEOUT_S = 10.0  # seconds a CLI server may take to print its ready line
 EXIT_TIMEOUT_S = 5.0  # seconds a CLI server may take to exit after SIGTERM
-CLIENT_TIMEOUT_S = 5.0  # seconds; read timeout of requests that expect an answer
+CLIENT_TIMEOUT_S = 5.0  # seconds, the read timeout of requests that expect a response
 BURST_SIZE = 50
 BURST_LATENCY_MS = 200
 BURST_MAX_SECONDS = 1.0
@@ -129,7 +129,12 @@ def _stop_cli(process: subprocess.Popen[str]) -> int:
 def cli_server() -> Iterator[str]:
     """Yield the base URL of a CLI server with 200 ms latency and a script for Narnia."""
     process, url = _start_cli(
-        "--latency-ms", str(BURST_LATENCY_MS), "--script", "Narnia=503,429,200", "--retry-after", "3"
+        "--latency-ms",
+        str(BURST_LATENCY_MS),
+        "--script",
+        "Narnia=503,429,200",
+        "--retry-after",
+        "3",
     )
     yield url
     _stop_cli(process)
@@ -180,7 +185,9 @@ def test_results_entry_shape(start_server: Callable[..., PhraseApiServer]) -> No
 
 def test_per_page_limits_results(start_server: Callable[..., PhraseApiServer]) -> None:
     server = start_server()
-    phrase = next(p for p in (f"budget {i}" for i in range(100)) if len(phrase_results(p, 200)) > 60)
+    phrase = next(
+        p for p in (f"budget {i}" for i in range(100)) if len(phrase_results(p, 200)) > 60
+    )
 
     default = _get_phrase(server.url, phrase).json()["results"]
     three = _get_phrase(server.url, phrase, per_page=3).json()["results"]
@@ -207,7 +214,9 @@ def test_dates_validated(start_server: Callable[..., PhraseApiServer]) -> None:
 
     good = _get_phrase(server.url, "budget", start_date="2010-01-01", end_date="2010-12-31")
     bad_format = _get_phrase(server.url, "budget", start_date="01/01/2010")
-    reversed_range = _get_phrase(server.url, "budget", start_date="2011-01-01", end_date="2010-01-01")
+    reversed_range = _get_phrase(
+        server.url, "budget", start_date="2011-01-01", end_date="2010-01-01"
+    )
 
     assert good.status_code == 200
     assert good.content == _get_phrase(server.url, "budget").content
@@ -217,7 +226,9 @@ def test_dates_validated(start_server: Callable[..., PhraseApiServer]) -> None:
 
 
 @pytest.mark.parametrize("key", ["wrong-key-123", "", None, API_KEY + "x", API_KEY[:-1]])
-def test_bad_key_401_without_echo(start_server: Callable[..., PhraseApiServer], key: str | None) -> None:
+def test_bad_key_401_without_echo(
+    start_server: Callable[..., PhraseApiServer], key: str | None
+) -> None:
     server = start_server()
 
     response = _get_phrase(server.url, "budget", key=key)
@@ -239,7 +250,9 @@ def test_duplicate_key_param_401(start_server: Callable[..., PhraseApiServer]) -
 
 
 @pytest.mark.parametrize("phrase", [None, ""])
-def test_missing_phrase_400(start_server: Callable[..., PhraseApiServer], phrase: str | None) -> None:
+def test_missing_phrase_400(
+    start_server: Callable[..., PhraseApiServer], phrase: str | None
+) -> None:
     server = start_server()
 
     response = _get_phrase(server.url, phrase)
@@ -248,7 +261,9 @@ def test_missing_phrase_400(start_server: Callable[..., PhraseApiServer], phrase
     assert "phrase" in response.json()["error"]
 
 
-@pytest.mark.parametrize("path", ["/api/1/phrases/other.json", "/api/2" + ENDPOINT, "/", "/api/1/../x"])
+@pytest.mark.parametrize(
+    "path", ["/api/1/phrases/other.json", "/api/2" + ENDPOINT, "/", "/api/1/../x"]
+)
 def test_unknown_path_404(start_server: Callable[..., PhraseApiServer], path: str) -> None:
     server = start_server()
 
@@ -322,7 +337,9 @@ def test_error_rate_roughly_honoured(start_server: Callable[..., PhraseApiServer
     server = start_server(error_rate=0.2)
     session = requests.Session()
 
-    statuses = [_get_phrase(server.url, f"phrase {i}", session=session).status_code for i in range(400)]
+    statuses = [
+        _get_phrase(server.url, f"phrase {i}", session=session).status_code for i in range(400)
+    ]
 
     errors = [status for status in statuses if status in (500, 503)]
     assert set(statuses) <= {200, 500, 503}
@@ -413,9 +430,17 @@ def test_stats_counts_and_reset(start_server: Callable[..., PhraseApiServer]) ->
 
 @pytest.mark.parametrize(
     "phrase",
-    ["café au lait", "😀 emoji 🇺🇸", "../../etc/passwd", "a&b=c#d", "100% ?x=y", "  spaced  ", "'; --"],
+    [
+        "café au lait",
+        "😀 emoji 🇺🇸",
+        "../../etc/passwd",
+        "a&b=c#d",
+        "100% ?x=y",
+        "  spaced  ",
+        "'; --",
+    ],
 )
-def test_unusual_phrases_answered(start_server: Callable[..., PhraseApiServer], phrase: str) -> None:
+def test_unusual_phrases_get_200(start_server: Callable[..., PhraseApiServer], phrase: str) -> None:
     server = start_server()
 
     first = _get_phrase(server.url, phrase)
@@ -472,7 +497,9 @@ def test_logs_never_contain_key(caplog: pytest.LogCaptureFixture) -> None:
     try:
         _get_phrase(server.url, "budget")
         _get_phrase(server.url, "budget", key="wrong-key-123")
-        with socket.create_connection((parts.hostname, parts.port), timeout=CLIENT_TIMEOUT_S) as sock:
+        with socket.create_connection(
+            (parts.hostname, parts.port), timeout=CLIENT_TIMEOUT_S
+        ) as sock:
             sock.sendall(f"GET /api/1{ENDPOINT}?apikey={API_KEY} extra HTTP/1.1\r\n\r\n".encode())
             sock.recv(4096)
     finally:
@@ -563,7 +590,9 @@ def test_parse_script_valid(text: str, expected: tuple[str, tuple[object, ...]])
     assert parse_script(text) == expected
 
 
-@pytest.mark.parametrize("text", ["Narnia", "=503", "Narnia=", "Narnia=100", "Narnia=301", "Narnia=x"])
+@pytest.mark.parametrize(
+    "text", ["Narnia", "=503", "Narnia=", "Narnia=100", "Narnia=301", "Narnia=x"]
+)
 def test_parse_script_invalid(text: str) -> None:
     with pytest.raises(ValueError):
         parse_script(text)

@@ -1,7 +1,7 @@
 """Command line for the result store: ``verify`` checks it and ``failures`` lists the ledger.
 
 Usage: ``python -m tasks.store {verify,failures} [--store DIR]``. The store directory
-defaults to $INGEST_STORE_DIR, else ``var/store`` under the current directory.
+defaults to the INGEST_STORE_DIR setting, else ``var/store`` under the current directory.
 ``verify`` exits 0 when the store is clean, 1 when it is not or cannot be read, and 2 on
 a usage error, such as a store directory that does not exist.
 """
@@ -9,22 +9,14 @@ a usage error, such as a store directory that does not exist.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import unicodedata
 from pathlib import Path
 from typing import TextIO
 
-# NOTE: importing tasks.store first runs tasks/__init__.py, which builds the Celery app and
-# loads the settings, so this command fails without INGEST_API_KEY although it never uses it.
+from tasks.settings import get_settings
 from tasks.store.ledger import FailureLedger
 from tasks.store.worm import ResultStore, StoreError, VerifyReport
-
-#: Environment variable that names the store directory.
-STORE_DIR_VARIABLE = "INGEST_STORE_DIR"
-
-#: Store directory used when neither --store nor the environment variable is set.
-DEFAULT_STORE_DIR = Path("var/store")
 
 #: Maximum characters of a phrase or reason shown per ledger line. Longer text ends in "…".
 DISPLAY_MAX_CHARS = 80
@@ -35,8 +27,8 @@ EXIT_USAGE = 2
 
 
 def default_store_dir() -> Path:
-    """Return $INGEST_STORE_DIR if set and not empty, else DEFAULT_STORE_DIR."""
-    return Path(os.environ.get(STORE_DIR_VARIABLE) or DEFAULT_STORE_DIR)
+    """Return the store directory of the settings (INGEST_STORE_DIR, default var/store)."""
+    return get_settings().store_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    store_help = f"store directory (default: ${STORE_DIR_VARIABLE}, else {DEFAULT_STORE_DIR})"
+    store_help = "store directory (default: INGEST_STORE_DIR, else var/store)"
     verify = commands.add_parser("verify", help="check every stored file against the manifest")
     verify.add_argument("--store", type=Path, metavar="DIR", help=store_help)
     failures = commands.add_parser("failures", help="list the rows recorded as failed")
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not store_dir.is_dir():
         print(
-            f"store directory not found: {store_dir} (pass --store DIR or set {STORE_DIR_VARIABLE})",
+            f"store directory not found: {store_dir} (pass --store DIR or set INGEST_STORE_DIR)",
             file=sys.stderr,
         )
         return EXIT_USAGE
