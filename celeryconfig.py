@@ -25,7 +25,13 @@ broker_transport_options = {
     # message to a second worker; `tasks.settings` refuses settings that break it.
     "visibility_timeout": _settings.visibility_timeout_s,
     "wait_time_seconds": _settings.poll_wait_s,
-    "polling_interval": 1,
+    # Seconds before the next receive when the last one found nothing or the worker's
+    # prefetch slots were full. An empty queue is waited on by SQS long polling
+    # (INGEST_POLL_WAIT_S), so this only paces a busy worker: kombu's default of 1 s
+    # capped a worker at one prefetch window (4 tasks) per second.
+    "polling_interval": 0.05,
+    # SNS fan-out for Celery events and remote control; see tasks/sqs_events.py.
+    "supports_fanout": True,
 }
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None

@@ -11,6 +11,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_i
 from tasks.errors import SettingError
 from tasks.redact import install_redaction
 from tasks.settings import Settings, get_settings
+from tasks.sqs_events import enable_sqs_monitoring
 
 
 def _settings_or_exit() -> Settings:
@@ -26,6 +27,7 @@ settings = _settings_or_exit()
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
+enable_sqs_monitoring(app, settings)
 
 
 #: Loggers whose INFO lines repeat what the task logs itself (received, succeeded, retry)

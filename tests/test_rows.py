@@ -256,10 +256,10 @@ def test_utf8_sig_encoding_accepted(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
 def test_delimiter_detected(tmp_path: Path, delimiter: str) -> None:
-    lines = [["id", "phrase", "note"], ["1", "alpha", "x, y; z"], ["2", "beta", ""]]
+    lines = [["id", "phrase", "note"], ["1", "alpha", "x, y"], ["2", "beta", ""]]
     data = "".join(delimiter.join(fields) + "\n" for fields in lines)
     if delimiter == ",":
-        data = data.replace("x, y; z", '"x, y; z"')
+        data = data.replace("x, y", '"x, y"')
     path = write_csv(tmp_path, data)
 
     assert rows_of(read_all(path)) == [(2, "alpha"), (3, "beta")]
@@ -601,6 +601,9 @@ def test_countries_fixture_reads() -> None:
 # Memory and speed
 
 
+# The child reports VmHWM from /proc/self/status, the peak RSS of its own address space.
+# ru_maxrss from resource.getrusage survives execve on Linux, so in a child of this pytest
+# process it can report the parent's peak instead. It is printed for comparison only.
 MEASURE_SCRIPT = textwrap.dedent(
     """
     import resource, sys, time
@@ -612,13 +615,20 @@ MEASURE_SCRIPT = textwrap.dedent(
     for item in read_rows(Path(sys.argv[1]), ReadOptions()):
         rows += isinstance(item, Row)
     seconds = time.perf_counter() - started
-    print(rows, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    peak_kib = int(fields["VmHWM"].split()[0])
+    print(rows, seconds, peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """
 )
 
 
-def measure_read(path: Path) -> tuple[int, float, int]:
-    """Read ``path`` in a fresh interpreter and return (rows, seconds, peak RSS in KiB)."""
+def measure_read(path: Path) -> tuple[int, float, int, int]:
+    """Read ``path`` in a fresh interpreter.
+
+    Returns (rows, seconds, VmHWM peak RSS in KiB, ru_maxrss in KiB).
+    """
     environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     completed = subprocess.run(
         [sys.executable, "-c", MEASURE_SCRIPT, str(path)],
@@ -628,8 +638,8 @@ def measure_read(path: Path) -> tuple[int, float, int]:
         env=environment,
         timeout=120,
     )
-    rows, seconds, peak_kib = completed.stdout.split()
-    return int(rows), float(seconds), int(peak_kib)
+    rows, seconds, peak_kib, maxrss_kib = completed.stdout.split()
+    return int(rows), float(seconds), int(peak_kib), int(maxrss_kib)
 
 
 def write_generated(path: Path, rows: int) -> None:
@@ -645,13 +655,18 @@ def test_memory_flat_for_million_rows(tmp_path: Path) -> None:
     write_generated(small, MEMORY_SMALL_ROWS)
     write_generated(large, MEMORY_LARGE_ROWS)
 
-    small_rows, small_seconds, small_peak = measure_read(small)
-    large_rows, large_seconds, large_peak = measure_read(large)
+    small_rows, small_seconds, small_peak, small_maxrss = measure_read(small)
+    large_rows, large_seconds, large_peak, large_maxrss = measure_read(large)
 
-    print(
-        f"\n{small_rows} rows: peak RSS {small_peak} KiB, {small_rows / small_seconds:,.0f} rows/s"
-        f"\n{large_rows} rows: peak RSS {large_peak} KiB, {large_rows / large_seconds:,.0f} rows/s"
-    )
+    for rows, seconds, peak, maxrss in [
+        (small_rows, small_seconds, small_peak, small_maxrss),
+        (large_rows, large_seconds, large_peak, large_maxrss),
+    ]:
+        print(
+            f"\n{rows} rows: VmHWM {peak} KiB, ru_maxrss {maxrss} KiB, "
+            f"{seconds:.2f} s, {rows / seconds:,.0f} rows/s",
+            end="",
+        )
     assert small_rows == MEMORY_SMALL_ROWS
     assert large_rows == MEMORY_LARGE_ROWS
     assert large_peak - small_peak < MAX_RSS_GROWTH_KIB
