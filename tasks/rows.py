@@ -2,15 +2,17 @@
 
 ``read_rows`` turns one CSV file into ``Row`` objects (one per good record) and
 ``RowProblem`` objects (one per skipped record). It raises ``InputFileError`` when the
-whole file cannot be used. It reads one line at a time, so memory is bounded by the line
-and field limits below, whatever the row count.
+whole file cannot be used. It streams the file in chunks, so memory is bounded by the
+chunk, line and field limits below, whatever the row count.
 
 Rules:
 
 - Encoding: strict UTF-8 unless ``ReadOptions.encoding`` is set. A UTF-8 byte order mark
   (BOM) is accepted and stripped. A byte sequence that does not decode stops the file
   with an ``InputFileError`` that names the byte offset and line. If rows were already
-  yielded, that error is raised mid-stream and says after which line reading stopped.
+  yielded, that error is raised mid-stream and names the last line read.
+  A file whose start is valid UTF-8 with non-ASCII text is rejected when another
+  encoding is set, because decoding it as, say, cp1252 would garble every accent.
 - Header: line 1 names the columns, or line 2 when line 1 is Excel's ``sep=;`` hint. The
   phrase column is the only column, else the column named ``phrase``. A header without
   records raises ``InputFileError``.
@@ -70,7 +72,7 @@ MULTILINE_HINT_LINES = 3
 """Extra lines in one record from which a problem suggests an unmatched double quote."""
 
 OBVIOUS_DELIMITER_SHARE = 0.5
-"""Share of sampled records that must split on a delimiter before a one-column header is rejected."""
+"""Share of sampled records that split on a delimiter, to reject a one-column header."""
 
 DELIMITER_CANDIDATES = (",", ";", "\t", "|")
 """Delimiters that detection chooses from, in order of preference for ties."""
@@ -109,7 +111,7 @@ _WIDE_BOMS = (
 
 _STATEFUL_CODEC_PREFIXES = ("utf-7", "iso2022", "hz")
 
-_LINE_SAFE_PROBE = "\n\r,;|\t\""
+_LINE_SAFE_PROBE = '\n\r,;|\t"'
 
 _SEP_HINT = re.compile(r"sep=(.)\r?\n?")
 
@@ -125,10 +127,15 @@ class Row:
     phrase: str
 
 
-# The frozen dataclass __init__ calls object.__setattr__ once per field, which makes it
-# about half the cost of reading a row. _read_records builds rows with object.__new__ and
-# the slot descriptors instead, with the same result.
-_ROW_BUILDERS = (object.__new__, Row.file.__set__, Row.line.__set__, Row.phrase.__set__)  # type: ignore[attr-defined]
+# The frozen dataclass __init__ calls object.__setattr__ once per field, which is a large
+# share of the time per row. _read_records builds rows with object.__new__ and the slot
+# descriptors instead, with the same result. Keep it in step if Row gains fields.
+_ROW_BUILDERS = (
+    object.__new__,
+    Row.file.__set__,  # type: ignore[attr-defined]
+    Row.line.__set__,  # type: ignore[attr-defined]
+    Row.phrase.__set__,  # type: ignore[attr-defined]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +168,12 @@ class InputFileError(Exception):
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How ``read_rows`` reads a file. ``__post_init__`` raises ValueError on invalid values.
+    """Options for ``read_rows``. ``__post_init__`` raises ValueError on invalid values.
 
     ``column`` is the phrase column: None means the only column, else the column named
     ``phrase``. ``encoding`` is a Python codec name, None means strict UTF-8 with an
-    optional BOM. ``delimiter`` is one character, None means detect it from the header.
+    optional BOM. ``delimiter`` is one character or a name that ``parse_delimiter``
+    accepts (stored as the character), None means detect it from the header.
     ``max_phrase_bytes`` is the maximum phrase length in bytes of UTF-8.
     """
 
@@ -176,13 +184,13 @@ class ReadOptions:
 
     def __post_init__(self) -> None:
         if self.column is not None and not self.column.strip():
-            raise ValueError("column must not be blank; omit it to use the default")
+            raise ValueError("column must not be blank. Omit it to use the default.")
 
         if self.encoding is not None:
             _lookup_text_codec(self.encoding)
 
         if self.delimiter is not None:
-            _validate_delimiter(self.delimiter)
+            object.__setattr__(self, "delimiter", parse_delimiter(self.delimiter))
 
         if self.max_phrase_bytes < 1:
             raise ValueError(f"max_phrase_bytes must be at least 1, not {self.max_phrase_bytes}")
@@ -236,15 +244,15 @@ def shorten_value(text: str, max_chars: int = MAX_VALUE_CHARS) -> str:
     if len(text) <= max_chars and sum(map(len, pieces)) <= max_chars:
         return "".join(pieces)
 
-    kept: list[str] = []
+    shortened: list[str] = []
     used = 0
     for piece in pieces:
         if used + len(piece) > max_chars - 1:
             break
-        kept.append(piece)
+        shortened.append(piece)
         used += len(piece)
 
-    return "".join(kept) + "…"
+    return "".join(shortened) + "…"
 
 
 def find_input_files(data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -300,9 +308,7 @@ def read_rows(path: Path, options: ReadOptions = ReadOptions()) -> Iterator[Row 
         yield from _read_records(file, layout, options.max_phrase_bytes)
 
 
-def _read_records(
-    file: str, layout: _Layout, max_phrase_bytes: int
-) -> Iterator[Row | RowProblem]:
+def _read_records(file: str, layout: _Layout, max_phrase_bytes: int) -> Iterator[Row | RowProblem]:
     # This loop runs once per record, so it keeps checks inline and calls helpers only for
     # problems.
     reader = layout.reader
@@ -330,7 +336,9 @@ def _read_records(
                 records += 1
                 phrase = fields[column_index].strip()
                 if not phrase:
-                    yield RowProblem(file, start_line, "blank phrase", shorten_value(fields[column_index]))
+                    yield RowProblem(
+                        file, start_line, "blank phrase", shorten_value(fields[column_index])
+                    )
                     continue
 
                 control = find_control(phrase)
@@ -359,7 +367,8 @@ def _read_records(
             yield _csv_error_problem(file, start_line, error)
 
         except (_DecodeFailure, _LineTooLong, OSError) as error:
-            raise _stream_error(file, error, reader.line_num, last_line) from None  # type: ignore[attr-defined]
+            lines_read = reader.line_num  # type: ignore[attr-defined]
+            raise _stream_error(file, error, lines_read, last_line) from None
 
     if records == 0:
         raise InputFileError(
@@ -389,7 +398,9 @@ def _open_layout(file: str, stream: BinaryIO, options: ReadOptions) -> _Layout:
 
     sample, pending_error = _read_sample(file, lines)
     if not sample:
-        raise InputFileError(file, "empty file: it contains only a byte order mark. Add a header line.")
+        raise InputFileError(
+            file, "empty file: it contains only a byte order mark. Add a header line."
+        )
 
     sample[0] = sample[0].removeprefix("\ufeff")
     _check_not_blank(file, sample, pending_error)
@@ -439,14 +450,37 @@ def _choose_encoding(file: str, head: bytes, requested: str | None) -> str:
         return "utf-8"
 
     encoding = _lookup_text_codec(requested)
-    if head.startswith(_UTF8_BOM) and encoding != "utf-8":
-        raise InputFileError(
-            file,
-            f"starts with a UTF-8 byte order mark, but --encoding {requested} was given. "
-            "Drop --encoding to read it as UTF-8.",
-        )
+    if encoding == "utf-8" or not _is_line_safe(encoding):
+        return encoding
 
-    return encoding
+    if head.startswith(_UTF8_BOM):
+        reason = "starts with a UTF-8 byte order mark"
+    elif _looks_like_utf8(head):
+        reason = (
+            f"is UTF-8 text (its first {len(head)} bytes decode as UTF-8 and are not all ASCII)"
+        )
+    else:
+        return encoding
+
+    raise InputFileError(
+        file,
+        f"{reason}, but --encoding {requested} was given. Reading it as {requested} would "
+        "garble non-ASCII characters. Drop --encoding for this file.",
+    )
+
+
+def _looks_like_utf8(head: bytes) -> bool:
+    # True when head has non-ASCII bytes and all of them decode as UTF-8. A multi-byte
+    # character cut at the end of head counts as valid.
+    if head.isascii():
+        return False
+
+    try:
+        codecs.utf_8_decode(head, "strict", False)
+    except UnicodeDecodeError:
+        return False
+
+    return True
 
 
 def _check_text(file: str, head: bytes) -> None:
@@ -460,7 +494,10 @@ def _check_text(file: str, head: bytes) -> None:
 
     hint = ""
     if b"\x00" in sample:
-        hint = " UTF-16 text without a byte order mark also looks like this; if so, pass --encoding utf-16-le."
+        hint = (
+            " UTF-16 text without a byte order mark also looks like this; if so, pass "
+            "--encoding utf-16-le."
+        )
     raise InputFileError(
         file,
         f"not a text CSV file: its first {len(sample)} bytes contain {control_bytes} control "
@@ -469,8 +506,8 @@ def _check_text(file: str, head: bytes) -> None:
 
 
 def _binary_lines(stream: BinaryIO, encoding: str) -> Iterator[str]:
-    # StringIO and itertools split and hand out the lines in C, which is about twice as fast
-    # as a Python generator that yields each line.
+    # StringIO and itertools split and hand out the lines in C, which is faster than a
+    # Python generator that yields each line.
     return itertools.chain.from_iterable(_decoded_chunks(stream, encoding))
 
 
@@ -501,7 +538,9 @@ def _decoded_chunks(stream: BinaryIO, encoding: str) -> Iterator[io.StringIO]:
         except UnicodeDecodeError as error:
             bad_line_start = complete.rfind(b"\n", 0, error.start) + 1
             yield io.StringIO(complete[:bad_line_start].decode(encoding), newline="\n")
-            raise _decode_failure(encoding, complete, error, bad_line_start, carry_offset, carry_line) from None
+            raise _decode_failure(
+                encoding, complete, error, bad_line_start, carry_offset, carry_line
+            ) from None
 
         yield io.StringIO(text, newline="\n")
         if not chunk:
@@ -574,7 +613,9 @@ def _locate_decode_error(stream: BinaryIO, encoding: str) -> _DecodeFailure:
             text = decoder.decode(chunk[: max(0, error.start - pending)])
             line_breaks += _count_line_breaks(text, ends_with_cr)
             bad = error.object[error.start : error.end]
-            return _DecodeFailure(encoding, offset - pending + error.start, bad, line=line_breaks + 1)
+            return _DecodeFailure(
+                encoding, offset - pending + error.start, bad, line=line_breaks + 1
+            )
 
         if not chunk:
             return _DecodeFailure(encoding, offset, b"", line=line_breaks + 1)  # not reached
@@ -695,7 +736,9 @@ def _read_header(file: str, reader: Iterator[list[str]], skip_first: bool) -> li
             next(reader)
         fields = next(reader, [])
     except csv.Error as error:
-        raise InputFileError(file, f"invalid header: {error}. Fix the header line.", line=1) from None
+        raise InputFileError(
+            file, f"invalid header: {error}. Fix the header line.", line=1
+        ) from None
     except (_DecodeFailure, _LineTooLong, OSError) as error:
         raise _stream_error(file, error, reader.line_num, 0) from None  # type: ignore[attr-defined]
 
@@ -707,10 +750,12 @@ def _choose_column(file: str, header: list[str], column: str | None, header_line
     if column is None and len(header) == 1:
         return 0
 
-    wanted = DEFAULT_COLUMN if column is None else column.strip()
-    matches = [index for index, name in enumerate(header) if name == wanted]
+    requested = DEFAULT_COLUMN if column is None else column.strip()
+    matches = [index for index, name in enumerate(header) if name == requested]
     if not matches:
-        matches = [index for index, name in enumerate(header) if name.casefold() == wanted.casefold()]
+        matches = [
+            index for index, name in enumerate(header) if name.casefold() == requested.casefold()
+        ]
 
     if len(matches) == 1:
         return matches[0]
@@ -718,14 +763,20 @@ def _choose_column(file: str, header: list[str], column: str | None, header_line
     found = _format_columns(header)
     if matches:
         positions = ", ".join(str(index + 1) for index in matches)
-        message = f"column '{wanted}' appears more than once in the header (columns {positions}). Rename the duplicates."
+        message = (
+            f"column '{requested}' appears more than once in the header (columns {positions}). "
+            "Rename the duplicates."
+        )
     elif column is None:
         message = (
             f"the header has {len(header)} columns and none is named '{DEFAULT_COLUMN}'. "
             f"Columns found: {found}. Pass --column NAME to choose the phrase column."
         )
     else:
-        message = f"column '{wanted}' not found in the header. Columns found: {found}. Pass --column with one of them."
+        message = (
+            f"column '{requested}' not found in the header. Columns found: {found}. "
+            "Pass --column with one of them."
+        )
 
     raise InputFileError(file, message, line=header_line)
 
@@ -744,12 +795,14 @@ def _field_count_problem(file: str, line: int, fields: list[str], width: int) ->
     return RowProblem(file, line, reason, shorten_value(",".join(fields)))
 
 
-def _control_problem(file: str, start_line: int, end_line: int, phrase: str, char: str) -> RowProblem:
+def _control_problem(
+    file: str, start_line: int, end_line: int, phrase: str, char: str
+) -> RowProblem:
     reason = f"phrase contains control character U+{ord(char):04X}"
     if char in "\r\n":
-        reason += f" (line break); the record spans lines {start_line}-{end_line}"
+        reason += f" (line break) in a record that spans lines {start_line}-{end_line}"
     if end_line - start_line >= MULTILINE_HINT_LINES:
-        reason += ", check for an unmatched double quote"
+        reason += ". Check for an unmatched double quote"
 
     return RowProblem(file, start_line, reason, shorten_value(phrase))
 
@@ -792,7 +845,9 @@ def _stream_error(file: str, error: Exception, lines_read: int, last_line: int) 
     return InputFileError(file, _os_error_message(error, "read") + stopped)
 
 
-def _decode_error(file: str, error: _DecodeFailure, lines_read: int, stopped: str) -> InputFileError:
+def _decode_error(
+    file: str, error: _DecodeFailure, lines_read: int, stopped: str
+) -> InputFileError:
     line = error.line if error.line is not None else lines_read + 1
     message = (
         f"not valid {error.encoding.upper()}: invalid bytes {error.bad!r} at byte offset "
@@ -825,11 +880,11 @@ def _lookup_text_codec(encoding: str) -> str:
         codec = codecs.lookup(encoding)
     except LookupError:
         raise ValueError(
-            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8 or cp1252"
+            f"unknown encoding {encoding!r}. Use a Python codec name such as utf-8 or cp1252."
         ) from None
 
     if not codec._is_text_encoding:  # type: ignore[attr-defined]
-        raise ValueError(f"{encoding!r} is not a text encoding; use one such as utf-8 or cp1252")
+        raise ValueError(f"{encoding!r} is not a text encoding. Use one such as utf-8 or cp1252.")
 
     if codec.name == "utf-8-sig":
         return "utf-8"  # the reader strips a leading BOM itself
@@ -852,11 +907,11 @@ def _validate_delimiter(delimiter: str) -> None:
     if len(delimiter) != 1:
         raise ValueError(
             f"delimiter must be one character or one of {', '.join(DELIMITER_NAMES)}, "
-            f"not {delimiter!r}"
+            f"not {delimiter!r}."
         )
 
     if delimiter in '"\r\n\x00':
-        raise ValueError(f"delimiter {delimiter!r} is not allowed; use , ; | or tab")
+        raise ValueError(f"delimiter {delimiter!r} is not allowed. Use , ; | or tab.")
 
 
 def _is_csv_file(entry: Path) -> bool:

@@ -90,12 +90,7 @@ def test_find_files_missing_directory(tmp_path: Path) -> None:
 
 
 def test_bom_crlf_quoted_fields(tmp_path: Path) -> None:
-    data = (
-        "\ufeffphrase,note\r\n"
-        '"a, b","plain"\r\n'
-        '"say ""hi""","two\r\nlines"\r\n'
-        "last,x\r\n"
-    )
+    data = '\ufeffphrase,note\r\n"a, b","plain"\r\n"say ""hi""","two\r\nlines"\r\nlast,x\r\n'
     path = write_csv(tmp_path, data)
 
     items = read_all(path)
@@ -121,10 +116,10 @@ def test_multiline_phrase_reports_start_line(tmp_path: Path) -> None:
 
     assert [problem.line for problem in problems] == [2, 4]
     assert problems[0].reason == (
-        "phrase contains control character U+000D (line break); the record spans lines 2-3"
+        "phrase contains control character U+000D (line break) in a record that spans lines 2-3"
     )
     assert problems[0].value == "one\\r\\ntwo"
-    assert "lines 4-8, check for an unmatched double quote" in problems[1].reason
+    assert "lines 4-8. Check for an unmatched double quote" in problems[1].reason
 
 
 def test_line_numbers_after_multiline_records(tmp_path: Path) -> None:
@@ -199,6 +194,32 @@ def test_bad_byte_after_many_rows(tmp_path: Path) -> None:
     assert caught.value.byte_offset == len(b"phrase\n" + good + b"ok ")
 
 
+def test_bad_byte_after_chunk_boundary(tmp_path: Path) -> None:
+    good = b"".join(b"row number %07d\n" % number for number in range(200_000))
+    path = write_csv(tmp_path, b"phrase\n" + good + b"caf\xe9\nnever\n")
+
+    items: list[Row | RowProblem] = []
+    with pytest.raises(InputFileError) as caught:
+        for item in read_rows(path, ReadOptions()):
+            items.append(item)
+
+    assert len(good) > 2 * 1024 * 1024
+    assert len(items) == 200_000
+    assert caught.value.line == 200_002
+    assert caught.value.byte_offset == len(b"phrase\n" + good + b"caf")
+    assert "in 'caf\ufffd'" in str(caught.value)
+
+
+def test_multibyte_characters_across_chunks(tmp_path: Path) -> None:
+    phrases = ["é" * (number % 300 + 1) + "日本" for number in range(20_000)]
+    path = write_csv(tmp_path, "phrase\n" + "".join(f"{phrase}\n" for phrase in phrases))
+
+    items = read_all(path, max_phrase_bytes=4096)
+
+    assert path.stat().st_size > 2 * 1024 * 1024
+    assert [phrase for _, phrase in rows_of(items)] == phrases
+
+
 def test_bad_byte_in_header_raises_first(tmp_path: Path) -> None:
     path = write_csv(tmp_path, b"phr\xe4se\nx\n")
 
@@ -243,6 +264,21 @@ def test_utf8_bom_with_other_encoding(tmp_path: Path) -> None:
     error = read_error(path, encoding="cp1252")
 
     assert "Drop --encoding" in str(error)
+
+
+def test_utf8_file_with_cp1252_encoding(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "phrase\ncafé\n")
+
+    message = str(read_error(path, encoding="cp1252"))
+
+    assert "is UTF-8 text" in message
+    assert "Drop --encoding" in message
+
+
+def test_ascii_file_with_cp1252_encoding(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "phrase\ncafe\n")
+
+    assert rows_of(read_all(path, encoding="cp1252")) == [(2, "cafe")]
 
 
 def test_utf8_sig_encoding_accepted(tmp_path: Path) -> None:
@@ -495,7 +531,9 @@ def test_phrase_over_byte_limit(tmp_path: Path) -> None:
 
     assert rows_of(items) == [(2, at_limit)]
     problem = problems_of(items)[0]
-    assert problem.reason == f"phrase is {MAX_PHRASE_BYTES + 1} bytes; the limit is {MAX_PHRASE_BYTES}"
+    assert (
+        problem.reason == f"phrase is {MAX_PHRASE_BYTES + 1} bytes; the limit is {MAX_PHRASE_BYTES}"
+    )
     assert len(problem.value) == MAX_VALUE_CHARS
     assert problem.value.endswith("…")
 
@@ -575,6 +613,13 @@ def test_read_options_validation() -> None:
         ReadOptions(max_phrase_bytes=0)
     with pytest.raises(ValueError, match="blank"):
         ReadOptions(column=" ")
+
+
+def test_read_options_delimiter_name(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "id\tphrase\n1\ta;b\n")
+
+    assert ReadOptions(delimiter="\\t").delimiter == "\t"
+    assert rows_of(read_all(path, delimiter="tab")) == [(2, "a;b")]
 
 
 def test_parse_delimiter_names() -> None:
