@@ -1,6 +1,7 @@
 """Send one `fetch_phrase` task for every row of every CSV file in a directory.
 
     python enqueue.py [DATA_DIR] [--column NAME] [--encoding NAME] [--delimiter CHAR] [--dry-run]
+    python enqueue.py status [RUN_ID] [--wait]
 
 Exit status: 0 when every row was sent or accounted for, 1 when a row or a file was
 refused (the other rows still ran), 2 for invalid settings or arguments, 3 when
@@ -22,6 +23,7 @@ from tasks.errors import DispatchError
 from tasks.journal import RunJournal
 from tasks.queues import ensure_queues
 from tasks.rows import ReadOptions
+from tasks import status
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
+
     args = build_parser().parse_args(argv)
     if not args.data_dir.is_dir():
         print(f"error: data directory {args.data_dir} not found", file=sys.stderr)
@@ -91,6 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     journal.close()
     print_summary(summary, time.monotonic() - started, dry_run=False, run_id=journal.run_id)
     return EXIT_OK if summary.ok else EXIT_REFUSED
+
+
+def status_main(argv: list[str]) -> int:
+    """Run `python enqueue.py status [RUN_ID] [--wait]`."""
+    parser = argparse.ArgumentParser(
+        prog="enqueue.py status",
+        description="Show a run's sent, stored, failed, waiting and in-flight counts.",
+    )
+    parser.add_argument("run_id", nargs="?", help="run to show (default: the newest)")
+    parser.add_argument(
+        "--wait", action="store_true", help="repeat every 2 s until nothing is left"
+    )
+    args = parser.parse_args(argv)
+    return status.report(settings, args.run_id, args.wait)
 
 
 def open_journal(data_dir: Path, new_run: bool) -> RunJournal:

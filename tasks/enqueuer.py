@@ -119,7 +119,7 @@ class Enqueuer:
         if self._store.exists(item.phrase, key):
             self.summary.already_stored += 1
             return
-        first = self._journal.claim(key, item.file, item.line)
+        first = self._journal.claim(key, item.phrase, item.file, item.line)
         if first is not None and (first.file, first.line) != (item.file, item.line):
             self.summary.duplicates += 1
             if self.summary.duplicates <= MAX_DUPLICATES_SHOWN:

@@ -26,10 +26,12 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     key TEXT PRIMARY KEY,
+    phrase TEXT NOT NULL,
     file TEXT NOT NULL,
     line INTEGER NOT NULL,
     state TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_by_row ON requests (file, line);
 """
 
 
@@ -77,11 +79,11 @@ class RunJournal:
         journals = sorted(runs_dir.glob("*.sqlite")) if runs_dir.is_dir() else []
         return journals[-1] if journals else None
 
-    def claim(self, key: str, file: str, line: int) -> FirstSeen | None:
+    def claim(self, key: str, phrase: str, file: str, line: int) -> FirstSeen | None:
         """Record a request as pending; return None if new, else where it was first seen."""
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO requests (key, file, line, state) VALUES (?, ?, ?, ?)",
-            (key, file, line, PENDING),
+            "INSERT OR IGNORE INTO requests (key, phrase, file, line, state) VALUES (?, ?, ?, ?, ?)",
+            (key, phrase, file, line, PENDING),
         )
         self._count_write()
         if cursor.rowcount == 1:
@@ -99,11 +101,16 @@ class RunJournal:
         )
         self._count_write()
 
-    def pending(self) -> Iterable[tuple[str, str, int]]:
-        """Yield (key, file, line) of every request not yet accepted by SQS."""
-        yield from self._db.execute(
-            "SELECT key, file, line FROM requests WHERE state = ? ORDER BY file, line", (PENDING,)
+    def sent_requests(self) -> Iterable[tuple[str, str]]:
+        """Yield (key, phrase) of every request SQS accepted."""
+        yield from self._db.execute("SELECT key, phrase FROM requests WHERE state = ?", (SENT,))
+
+    def has_row(self, file: str, line: int) -> bool:
+        """Return whether this run sent a request first seen at file:line."""
+        found = self._db.execute(
+            "SELECT 1 FROM requests WHERE file = ? AND line = ? AND state = ?", (file, line, SENT)
         )
+        return found.fetchone() is not None
 
     def counts(self) -> dict[str, int]:
         """Return the number of requests in each state."""

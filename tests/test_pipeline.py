@@ -129,6 +129,21 @@ def test_not_found_goes_to_ledger_untried_again(stack: LocalStack, tmp_path: Pat
     assert stats["by_phrase"]["Atlantis"] == 1
 
 
+def test_status_waits_and_counts(stack: LocalStack, tmp_path: Path) -> None:
+    write_csv(tmp_path / "data", "one.csv", "phrase\nAtlantis\nFrance\nSpain\n")
+    stack.start_phrase_api("--script", "Atlantis=404", "--latency-ms", "300")
+    stack.start_worker("worker", 1)
+    assert run_enqueue(stack, str(tmp_path / "data")).returncode == 0
+
+    result = run_enqueue(stack, "status", "--wait", timeout_s=120)
+
+    assert result.returncode == 1, result.stderr
+    assert "sent:       3" in result.stdout
+    assert "stored:     2" in result.stdout
+    assert "failed:     1" in result.stdout
+    assert "waiting:    0" in result.stdout
+
+
 def test_verify_catches_changed_byte_and_deleted_file(stack: LocalStack, tmp_path: Path) -> None:
     write_csv(tmp_path / "data", "three.csv", "phrase\nFrance\nSpain\nItaly\n")
     store = Path(stack.settings["INGEST_STORE_DIR"])
