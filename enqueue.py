@@ -22,7 +22,7 @@ from tasks.enqueuer import Enqueuer, EnqueueSummary
 from tasks.errors import DispatchError
 from tasks.journal import RunJournal
 from tasks.queues import ensure_queues
-from tasks.rows import ReadOptions
+from tasks.rows import ReadOptions, parse_delimiter
 from tasks import status
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--delimiter",
-        help="field delimiter, such as ';' or '\\t' (default: detected from the header)",
+        type=parse_delimiter,
+        help="field delimiter: one character, or tab, comma, semicolon, pipe (default: detected from the header)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="read and check every row, send nothing"
@@ -69,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: data directory {args.data_dir} not found", file=sys.stderr)
         return EXIT_USAGE
 
-    delimiter = args.delimiter.replace("\\t", "\t") if args.delimiter else None
-    options = ReadOptions(column=args.column, encoding=args.encoding, delimiter=delimiter)
+    try:
+        options = ReadOptions(column=args.column, encoding=args.encoding, delimiter=args.delimiter)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     started = time.monotonic()
 
     if args.dry_run:

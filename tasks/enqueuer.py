@@ -161,5 +161,6 @@ def estimate_rows(files: list[Path]) -> int | None:
         except OSError:
             continue
         lines = max(1, sample.count(b"\n"))
-        total += int(size / (len(sample) / lines)) if sample else 0
+        header_rows = 1
+        total += max(0, round(size / (len(sample) / lines)) - header_rows) if sample else 0
     return total or None

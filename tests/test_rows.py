@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import random
 import subprocess
@@ -130,6 +132,35 @@ def test_line_numbers_after_multiline_records(tmp_path: Path) -> None:
 
     assert rows_of(items) == [(2, "a"), (3, "b"), (6, "c"), (9, "f")]
     assert [(problem.line, problem.value) for problem in problems_of(items)] == [(7, "d\\ne")]
+
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_random_records_match_csv_writer(tmp_path: Path, line_end: str) -> None:
+    generator = random.Random(line_end)
+    phrase_alphabet = "ab ,;\"'|\té日😀"
+    note_alphabet = phrase_alphabet + "\n"
+    expected: list[tuple[int, str]] = []
+    chunks: list[str] = []
+    line = 1
+    for number in range(-1, 60_000):
+        phrase = "p" + "".join(generator.choices(phrase_alphabet, k=generator.randrange(30)))
+        note = "".join(generator.choices(note_alphabet, k=generator.randrange(40)))
+        fields = ["id", "phrase", "note"] if number < 0 else [str(number), phrase, note]
+
+        record = io.StringIO()
+        csv.writer(record, lineterminator=line_end).writerow(fields)
+        chunks.append(record.getvalue())
+
+        if number >= 0:
+            expected.append((line, phrase.strip()))
+        line += record.getvalue().count("\n")
+    path = write_csv(tmp_path, "".join(chunks))
+
+    items = read_all(path)
+
+    assert path.stat().st_size > 2 * 1024 * 1024
+    assert problems_of(items) == []
+    assert rows_of(items) == expected
 
 
 def test_cr_only_line_endings(tmp_path: Path) -> None:
