@@ -25,6 +25,9 @@ from tasks.queues import ensure_queues
 from tasks.rows import ReadOptions, parse_delimiter
 from tasks import status
 
+#: Characters before the values in the summary, so that the columns line up.
+SUMMARY_LABEL_WIDTH = 18
+
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
@@ -146,21 +149,22 @@ def report_interruption(enqueuer: Enqueuer, journal: RunJournal, exc: BaseExcept
 def print_summary(
     summary: EnqueueSummary, elapsed_s: float, dry_run: bool, run_id: str = ""
 ) -> None:
-    verb = "would send" if dry_run else "sent"
+    """Print one line per outcome, so that every row read is accounted for."""
     rate = summary.rows_read / elapsed_s if elapsed_s > 0 else 0.0
-    lines = [
-        f"files:           {summary.files} read, {summary.files_failed} failed, {summary.files_ignored} ignored",
-        f"rows read:       {summary.rows_read:,}",
-        f"tasks {verb}:{' ' * (10 - len(verb))}{summary.sent:,}",
-        f"already stored:  {summary.already_stored:,}",
-        f"duplicates:      {summary.duplicates:,} (same request as an earlier row, not sent again)",
-        f"sent before:     {summary.sent_before:,} (by the interrupted run this one resumed)",
-        f"refused:         {summary.refused:,} (see the messages above)",
-        f"elapsed:         {elapsed_s:.2f} s ({rate:,.0f} rows/s)",
+    files = f"{summary.files} read, {summary.files_failed} failed, {summary.files_ignored} ignored"
+    rows = [
+        ("files", files),
+        ("rows read", f"{summary.rows_read:,}"),
+        ("tasks would send" if dry_run else "tasks sent", f"{summary.sent:,}"),
+        ("already stored", f"{summary.already_stored:,}"),
+        ("duplicates", f"{summary.duplicates:,} (same request as an earlier row, not sent again)"),
+        ("sent before", f"{summary.sent_before:,} (by the interrupted run this one resumed)"),
+        ("refused", f"{summary.refused:,} (see the messages above)"),
+        ("elapsed", f"{elapsed_s:.2f} s ({rate:,.0f} rows/s)"),
     ]
     if run_id:
-        lines.append(f"run:             {run_id}")
-    print("\n".join(lines))
+        rows.append(("run", run_id))
+    print("\n".join(f"{label + ':':<{SUMMARY_LABEL_WIDTH}}{value}" for label, value in rows))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,14 @@ Rules:
   one column over lines that split on one of those raises ``InputFileError``.
 - Records: empty lines are skipped silently. A record whose field count differs from the
   header's is a ``RowProblem``.
-- Phrase: stripped of surrounding whitespace. It is a ``RowProblem`` when it is blank,
-  when it contains a control character (Unicode category Cc except TAB: C0 including CR
-  and LF, DEL and C1), or when its UTF-8 form is longer than ``max_phrase_bytes``. Any
-  other text, such as ``../``, slashes, emoji or right-to-left marks, is yielded unchanged.
+- Phrase: stripped of surrounding whitespace. It is a ``RowProblem`` when it is blank or
+  when its UTF-8 form is longer than ``max_phrase_bytes``. Any other text is yielded
+  unchanged: line breaks from quoted fields, control characters, NUL, ``../``, slashes,
+  emoji and right-to-left marks are legal in a phrase, and the store gives every phrase a
+  safe file name.
+- NOTE: an unmatched double quote swallows the following lines into one field. That
+  field is reported when it exceeds the phrase limit or MAX_FIELD_CHARS; a few short
+  lines before the end of the file are sent as one multi-line phrase.
 - Line numbers are 1-based physical lines ending in LF or CRLF. A record reports the line
   where it starts. Files with CR-only line endings, and files in encodings where LF is
   not the byte 0x0A (UTF-16, UTF-32, EBCDIC) are read with universal newlines.
@@ -68,9 +72,6 @@ BINARY_CHECK_BYTES = 1024
 BINARY_MIN_CONTROL_BYTES = 8
 """Control bytes (not TAB, LF, VT, FF, CR or ESC) in BINARY_CHECK_BYTES that mark a file binary."""
 
-MULTILINE_HINT_LINES = 3
-"""Extra lines in one record from which a problem suggests an unmatched double quote."""
-
 OBVIOUS_DELIMITER_SHARE = 0.5
 """Share of sampled records that split on a delimiter, to reject a one-column header."""
 
@@ -84,8 +85,6 @@ DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pi
 """Names that ``parse_delimiter`` accepts besides a single character."""
 
 _DELIMITER_LABELS = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
-
-_CONTROL_CHARACTER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 _BINARY_BYTES = bytes(
     [*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20)]
@@ -315,7 +314,6 @@ def _read_records(file: str, layout: _Layout, max_phrase_bytes: int) -> Iterator
     width = layout.width
     column_index = layout.column_index
     max_safe_chars = max_phrase_bytes // 4  # UTF-8 needs at most 4 bytes per character
-    find_control = _CONTROL_CHARACTER.search
     new_row, set_file, set_line, set_phrase = _ROW_BUILDERS
     last_line = layout.header_end_line
     records = 0
@@ -339,11 +337,6 @@ def _read_records(file: str, layout: _Layout, max_phrase_bytes: int) -> Iterator
                     yield RowProblem(
                         file, start_line, "blank phrase", shorten_value(fields[column_index])
                     )
-                    continue
-
-                control = find_control(phrase)
-                if control is not None:
-                    yield _control_problem(file, start_line, last_line, phrase, control.group())
                     continue
 
                 if len(phrase) > max_safe_chars:
@@ -793,18 +786,6 @@ def _field_count_problem(file: str, line: int, fields: list[str], width: int) ->
     reason = f"row has {len(fields)} fields, header has {width}"
 
     return RowProblem(file, line, reason, shorten_value(",".join(fields)))
-
-
-def _control_problem(
-    file: str, start_line: int, end_line: int, phrase: str, char: str
-) -> RowProblem:
-    reason = f"phrase contains control character U+{ord(char):04X}"
-    if char in "\r\n":
-        reason += f" (line break) in a record that spans lines {start_line}-{end_line}"
-    if end_line - start_line >= MULTILINE_HINT_LINES:
-        reason += ". Check for an unmatched double quote"
-
-    return RowProblem(file, start_line, reason, shorten_value(phrase))
 
 
 def _csv_error_problem(file: str, line: int, error: csv.Error) -> RowProblem:

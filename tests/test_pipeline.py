@@ -52,7 +52,7 @@ def test_countries_all_stored_then_rerun_stores_nothing(stack: LocalStack, tmp_p
 
     first = run_enqueue(stack, str(data))
     assert first.returncode == 0, first.stderr
-    assert "tasks sent:      197" in first.stdout
+    assert "tasks sent:       197" in first.stdout
     stack.wait_until_drained()
 
     files = stored_files(store)
@@ -63,8 +63,8 @@ def test_countries_all_stored_then_rerun_stores_nothing(stack: LocalStack, tmp_p
 
     second = run_enqueue(stack, str(data))
     assert second.returncode == 0, second.stderr
-    assert "tasks sent:      0" in second.stdout
-    assert "already stored:  197" in second.stdout
+    assert "tasks sent:       0" in second.stdout
+    assert "already stored:   197" in second.stdout
     stack.wait_until_drained()
     assert snapshot(stored_files(store)) == before
     assert len((store / "manifest.jsonl").read_text().splitlines()) == 197
