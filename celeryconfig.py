@@ -42,7 +42,7 @@ accept_content = ["json"]
 task_ignore_result = True
 
 # A message is deleted only after its task ends, so the messages of a killed worker
-# come back after the visibility timeout; a child process lost mid-task puts its
+# come back after the visibility timeout. A pool process lost mid-task puts its
 # message back at once.
 task_acks_late = True
 task_reject_on_worker_lost = True

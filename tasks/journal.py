@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS requests_by_row ON requests (file, line);
 
 @dataclass(frozen=True)
 class FirstSeen:
-    """Where a request was first seen in a run, and whether it was already sent."""
+    """The row where a request was first seen in a run, and the request's state."""
 
     file: str
     line: int
@@ -45,7 +45,7 @@ class FirstSeen:
 
 
 class RunJournal:
-    """One run's journal file; open with `create` or `open_existing`."""
+    """One run's journal file: `create` starts a new one, `RunJournal(path)` opens one."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -3,29 +3,28 @@
 Stock Celery 5.7.0 and kombu 5.7.0 on SQS send no events and answer no remote control.
 `enable_sqs_monitoring(app, settings)` fixes that with five narrow adaptations:
 
-1. The transport option `supports_fanout: True` (in celeryconfig.py) makes kombu map
+1. The transport option `supports_fanout: True` (set in celeryconfig.py) makes kombu map
    fanout exchanges to SNS topics and subscribe each consuming SQS queue to its topic.
 2. The event exchange `celeryev` is declared as fanout instead of topic, as Celery
    already does for Redis, so events reach every receiver through SNS. Only with
-   INGEST_EVENTS on; otherwise events stay inside the sending process.
+   INGEST_EVENTS on; with it off, events never leave the process that sends them.
 3. The SQS transport declares that it implements fanout exchanges, so the worker
    starts its remote-control (pidbox) consumer.
 4. A reply to a `reply.<namespace>.pidbox` exchange goes to the caller's reply queue,
    `<routing key>.<exchange>`. The binding exists only in the caller's process, so
-   kombu's in-process routing would drop every reply sent by a worker.
+   kombu's in-process routing drops every reply a worker sends.
 5. A process without a kombu event loop (Flower, `celery events`, `celery inspect`)
    deletes received no-ack messages with the blocking boto3 client, because kombu's
-   asynchronous client needs the loop and fails with AttributeError without one.
+   asynchronous client needs the loop and raises AttributeError without one.
 
 Queues declared with `auto_delete=True` (event receivers, reply queues, each worker's
-mailbox) are deleted with their SNS subscriptions when their process exits, as on AMQP.
-A process killed before that leaves them behind, so each owner tags its queues with a
-heartbeat, and `python -m tasks.sqs_events cleanup` removes the ones whose heartbeat
-stopped (see `cleanup`).
+mailbox) are unsubscribed from SNS and deleted when their process exits, as AMQP does.
+A killed process leaves them behind, so each owner refreshes a heartbeat tag on its
+queues and `python -m tasks.sqs_events cleanup` removes those whose heartbeat stopped.
 
-Each adaptation patches kombu or Celery internals, so `enable_sqs_monitoring` raises
-`RuntimeError` at start unless the installed versions are the tested ones and every
-patched internal is still there.
+Each adaptation relies on kombu or Celery internals, so `enable_sqs_monitoring` raises
+RuntimeError at start unless the installed versions are the tested ones and every
+internal it relies on is still there.
 """
 
 from __future__ import annotations
@@ -34,15 +33,16 @@ import argparse
 import atexit
 import inspect
 import logging
+import os
 import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
 import celery
 import celery.events
 import celery.events.dispatcher
@@ -50,7 +50,6 @@ import celery.events.event
 import celery.events.receiver
 import kombu
 import kombu.transport
-from botocore.config import Config
 from botocore.exceptions import ClientError
 from celery import Celery
 from kombu.pidbox import Mailbox
@@ -63,63 +62,69 @@ logger = logging.getLogger(__name__)
 #: The versions whose internals this module was checked against; any other fails at start.
 TESTED_VERSIONS = {"celery": "5.7.0", "kombu": "5.7.0"}
 
-#: Queue tag that holds the Unix time (whole seconds) at which its owner last showed it is alive.
+#: Queue tag whose value is the Unix time (whole seconds) its owner last marked it as in use.
 HEARTBEAT_TAG = "celery-monitor-heartbeat"
 
 #: Seconds between two heartbeat tags on each queue a process owns.
 HEARTBEAT_INTERVAL_S = 60.0
 
-#: Seconds without a heartbeat after which `cleanup` treats a monitoring queue as stale.
-#: Five heartbeat intervals, so that a slow or briefly disconnected owner keeps its queues.
+#: Seconds without a heartbeat after which `cleanup` removes a monitoring queue: five
+#: heartbeat intervals, so that a slow owner, or one whose clock is a little behind, keeps it.
 STALE_AFTER_S = 300.0
 
-#: Longest long-poll wait, in seconds, for a reply queue in a process without an event loop.
-#: `celery inspect` drains until a poll comes back empty, so the SQS wait (INGEST_POLL_WAIT_S)
-#: would otherwise be added to every command.
+#: Longest long-poll wait, in seconds, on a reply queue in a process without an event loop.
+#: `celery inspect` drains until a receive comes back empty, so the full SQS wait
+#: (INGEST_POLL_WAIT_S) would otherwise be added to every command.
 CLIENT_REPLY_WAIT_S = 1
 
-#: The SQS error codes for a queue that does not exist (the JSON and the query protocol).
+#: SQS error codes for a queue that does not exist (JSON and query protocol).
 QUEUE_MISSING_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 
-#: The SNS error code for a subscription that does not exist.
-SUBSCRIPTION_MISSING_CODE = "NotFound"
+#: SNS error code for a topic or subscription that does not exist.
+SNS_MISSING_CODE = "NotFound"
 
 _STOCK_SQS_TRANSPORT = "kombu.transport.SQS:Transport"
 _MONITORING_TRANSPORT = f"{__name__}:MonitoringTransport"
 
 
-# -- Adaptations 3, 4 and 5, and the deletion of auto-delete queues: the SQS transport. --
+# -- Adaptations 3, 4 and 5, and owned auto-delete queues: the SQS transport. --
 
 
 class MonitoringChannel(SQS.Channel):
     """kombu's SQS channel with pidbox reply routing, blocking deletes and owned queues."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not hasattr(self, "hub"):
+            raise RuntimeError("kombu's SQS channel no longer sets self.hub: review tasks/sqs_events.py")
+
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
         declared = super().queue_declare(queue, passive, **kwargs)
         if kwargs.get("auto_delete") and not passive:
-            _owned_queues.add(
-                name=self.canonical_queue_name(declared.queue),
-                url=self._new_queue(declared.queue),
-                sqs_client=self.sqs(),
-            )
+            name = self.canonical_queue_name(declared.queue)
+            _owned_queues.add(name, self._new_queue(declared.queue), self.sqs())
         return declared
 
     def queue_bind(
-        self, queue: str, exchange: str | None = None, routing_key: str = "", arguments: Any = None, **kwargs: Any
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
     ) -> None:
         super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
         if exchange and self.supports_fanout and self.typeof(exchange).type == "fanout":
-            _owned_queues.note_topic(
-                self.canonical_queue_name(queue),
-                self.canonical_queue_name(exchange),
-                sns_client=self.fanout.get_client(),
-            )
+            topic = self.canonical_queue_name(exchange)
+            _owned_queues.add_topic(self.canonical_queue_name(queue), topic, self.fanout.get_client())
 
-    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any) -> None:
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
         super().queue_delete(queue, if_unused, if_empty, **kwargs)
 
-        # kombu forgets the deleted queue's URL under the AMQP name but caches it under the
-        # SQS name, so a queue declared again under that name would reuse the dead URL.
+        # kombu forgets a deleted queue's URL under the AMQP name but caches it under the SQS
+        # name, so declaring that name again in this connection would reuse the dead URL.
         name = self.canonical_queue_name(queue)
         self._queue_cache.pop(name, None)
         _owned_queues.discard(name)
@@ -131,12 +136,14 @@ class MonitoringChannel(SQS.Channel):
 
         reply_queue = f"{routing_key}.{exchange}"
         if not self._queue_exists(reply_queue):
-            # The caller stopped waiting and deleted its queue: sending would create it again.
-            logger.info("dropped a reply for %s: its queue no longer exists", reply_queue)
+            # The caller stopped waiting and deleted its queue; sending would create it again.
+            logger.info("dropped a remote-control reply: queue %s no longer exists", reply_queue)
             return []
         return [reply_queue]
 
     def _queue_exists(self, queue: str) -> bool:
+        # NOTE: the caller may delete its queue between this check and the send, and then
+        # kombu's send creates it again; `cleanup` removes such a queue once it is stale.
         try:
             self.sqs().get_queue_url(QueueName=self.canonical_queue_name(queue))
         except ClientError as exc:
@@ -151,7 +158,8 @@ class MonitoringChannel(SQS.Channel):
             return
 
         url = self._new_queue(queue_name)
-        self.sqs(queue=queue_name).delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        client = self.sqs(queue=queue_name)
+        client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
 
     def _receive_message(
         self, queue: str, max_number_of_messages: int = 1, wait_time_seconds: int | None = None
@@ -162,45 +170,48 @@ class MonitoringChannel(SQS.Channel):
 
 
 class MonitoringTransport(SQS.Transport):
-    """kombu's SQS transport that declares fanout support when `supports_fanout` is on."""
+    """kombu's SQS transport, declaring fanout support when `supports_fanout` is on."""
 
     Channel = MonitoringChannel
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         if client.transport_options.get("supports_fanout"):
-            # Celery starts the worker's remote-control consumer only on a transport that
-            # implements fanout; with the option on, kombu routes fanout through SNS.
-            self.implements = SQS.Transport.implements.extend(
-                exchange_type=SQS.Transport.implements.exchange_type | {"fanout"}
-            )
+            # Celery's worker starts its remote-control consumer only on a transport that
+            # implements fanout; with this option kombu routes fanout exchanges through SNS.
+            stock = SQS.Transport.implements
+            self.implements = stock.extend(exchange_type=stock.exchange_type | {"fanout"})
 
 
-#: `reply.<namespace>.pidbox`, the exchange kombu's Mailbox sends replies to.
-_REPLY_EXCHANGE = re.compile(re.escape(Mailbox.reply_exchange_fmt).replace(re.escape("%s"), r"[^.]+"))
+#: `reply.<namespace>.pidbox`: the exchange that kombu's Mailbox sends replies to.
+_REPLY_EXCHANGE = re.compile(re.escape(Mailbox.reply_exchange_fmt).replace("%s", r"[^.]+"))
 
-#: `<oid>.reply.<namespace>.pidbox`, the AMQP name of a caller's reply queue.
+#: `<oid>.reply.<namespace>.pidbox`: the AMQP name of a caller's reply queue.
 _REPLY_QUEUE = re.compile(r"[0-9a-f-]+\." + _REPLY_EXCHANGE.pattern)
 
 
 # -- Adaptation 2: the event exchange. --
 
+_stock_get_exchange = celery.events.event.get_exchange
+
+#: The modules that imported `get_exchange` by name, so each needs the fanout version.
+_GET_EXCHANGE_USERS = (
+    celery.events,
+    celery.events.event,
+    celery.events.dispatcher,
+    celery.events.receiver,
+)
+
 
 def _fanout_event_exchange(conn: Any, name: str = celery.events.event.EVENT_EXCHANGE_NAME) -> Any:
-    """Return Celery's event exchange, as fanout when the connection is SQS with SNS fan-out."""
+    """Return Celery's event exchange, made fanout on an SQS connection with SNS fan-out."""
     exchange = _stock_get_exchange(conn, name)
     if conn.transport.driver_type == "sqs" and conn.transport_options.get("supports_fanout"):
         exchange.type = "fanout"
     return exchange
 
 
-_stock_get_exchange = celery.events.event.get_exchange
-
-#: The modules that imported `get_exchange` by name, so each needs the fanout version.
-_GET_EXCHANGE_USERS = (celery.events, celery.events.event, celery.events.dispatcher, celery.events.receiver)
-
-
-# -- Queues owned by this process: heartbeat and deletion at exit. --
+# -- Queues owned by this process: heartbeat while alive, deletion at exit. --
 
 
 @dataclass
@@ -213,21 +224,22 @@ class _OwnedQueue:
 
 
 class _OwnedQueues:
-    """The auto-delete queues this process declared, tagged while alive and deleted at exit."""
+    """The auto-delete queues this process declared: tagged while it runs, deleted at exit."""
 
     def __init__(self) -> None:
         self._queues: dict[str, _OwnedQueue] = {}
         self._lock = threading.Lock()
         self._owner_pid: int | None = None
-        self._heartbeat: threading.Thread | None = None
 
     def add(self, name: str, url: str, sqs_client: Any) -> None:
         with self._lock:
-            self._queues.setdefault(name, _OwnedQueue(name, url, sqs_client))
+            if name in self._queues:
+                return
+            self._queues[name] = _OwnedQueue(name, url, sqs_client)
             self._start_heartbeat()
         _tag_heartbeat(sqs_client, url)
 
-    def note_topic(self, name: str, topic: str, sns_client: Any) -> None:
+    def add_topic(self, name: str, topic: str, sns_client: Any) -> None:
         with self._lock:
             owned = self._queues.get(name)
             if owned is not None:
@@ -238,23 +250,10 @@ class _OwnedQueues:
         with self._lock:
             self._queues.pop(name, None)
 
-    def beat_forever(self) -> None:
-        while True:
-            time.sleep(HEARTBEAT_INTERVAL_S)
-            for owned in self._snapshot():
-                try:
-                    _tag_heartbeat(owned.sqs_client, owned.url)
-                except ClientError as exc:
-                    if _error_code(exc) in QUEUE_MISSING_CODES:
-                        logger.warning("queue %s was deleted by another process", owned.name)
-                        self.discard(owned.name)
-                    else:
-                        logger.warning("heartbeat tag on queue %s failed: %s", owned.name, exc)
-
     def delete_all(self) -> None:
-        """Unsubscribe and delete every queue this process still owns; run at exit."""
-        if self._owner_pid is None or self._owner_pid != _current_pid():
-            return  # a forked child (a pool process) owns none of its parent's queues
+        """Unsubscribe and delete every queue this process still owns; registered with atexit."""
+        if self._owner_pid != os.getpid():
+            return  # a forked pool process owns none of its parent's queues
 
         for owned in self._snapshot():
             try:
@@ -266,50 +265,70 @@ class _OwnedQueues:
                     logger.warning("could not delete queue %s at exit: %s", owned.name, exc)
             self.discard(owned.name)
 
+    def _beat_forever(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_INTERVAL_S)
+            for owned in self._snapshot():
+                self._beat(owned)
+
+    def _beat(self, owned: _OwnedQueue) -> None:
+        try:
+            _tag_heartbeat(owned.sqs_client, owned.url)
+        except ClientError as exc:
+            if _error_code(exc) not in QUEUE_MISSING_CODES:
+                logger.warning("could not tag queue %s with a heartbeat: %s", owned.name, exc)
+                return
+            logger.warning("queue %s was deleted by another process", owned.name)
+            self.discard(owned.name)
+
     def _snapshot(self) -> list[_OwnedQueue]:
         with self._lock:
             return list(self._queues.values())
 
     def _start_heartbeat(self) -> None:
-        if self._owner_pid == _current_pid():
+        if self._owner_pid == os.getpid():
             return
-        self._owner_pid = _current_pid()
-        self._heartbeat = threading.Thread(target=self.beat_forever, name="sqs-queue-heartbeat", daemon=True)
-        self._heartbeat.start()
+
+        self._owner_pid = os.getpid()
+        thread = threading.Thread(target=self._beat_forever, name="sqs-queue-heartbeat", daemon=True)
+        thread.start()
 
 
 _owned_queues = _OwnedQueues()
-
-
-def _current_pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def _tag_heartbeat(sqs_client: Any, url: str) -> None:
     sqs_client.tag_queue(QueueUrl=url, Tags={HEARTBEAT_TAG: str(int(time.time()))})
 
 
-def _unsubscribe_queue(sqs_client: Any, sns_client: Any, url: str, topics: set[str]) -> None:
-    """Remove the SNS subscriptions of the queue at `url` on the given topics (SQS names)."""
-    if sns_client is None or not topics:
-        return
+def _unsubscribe_queue(sqs_client: Any, sns_client: Any, url: str, topics: set[str]) -> int:
+    """Remove the SNS subscriptions of the queue at `url` to the named topics; return how many.
 
-    queue_arn = sqs_client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    arn_head = queue_arn.replace(":sqs:", ":sns:", 1).rsplit(":", 1)[0]
+    The topics are in the queue's account and region, as kombu creates them.
+    """
+    if sns_client is None or not topics:
+        return 0
+
+    attributes = sqs_client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    queue_arn = attributes["Attributes"]["QueueArn"]
+    arn_prefix = queue_arn.replace(":sqs:", ":sns:", 1).rsplit(":", 1)[0]
+
+    removed = 0
     for topic in topics:
-        for subscription in _subscriptions(sns_client, f"{arn_head}:{topic}"):
-            if subscription["Endpoint"] == queue_arn:
+        for subscription in _subscriptions(sns_client, f"{arn_prefix}:{topic}"):
+            if subscription.get("Endpoint") == queue_arn:
                 _unsubscribe(sns_client, subscription["SubscriptionArn"])
+                removed += 1
+    return removed
 
 
 def _subscriptions(sns_client: Any, topic_arn: str) -> Iterator[dict[str, str]]:
+    paginator = sns_client.get_paginator("list_subscriptions_by_topic")
     try:
-        for page in sns_client.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn):
+        for page in paginator.paginate(TopicArn=topic_arn):
             yield from page.get("Subscriptions", [])
     except ClientError as exc:
-        if _error_code(exc) != SUBSCRIPTION_MISSING_CODE:
+        if _error_code(exc) != SNS_MISSING_CODE:
             raise
 
 
@@ -317,12 +336,160 @@ def _unsubscribe(sns_client: Any, subscription_arn: str) -> None:
     try:
         sns_client.unsubscribe(SubscriptionArn=subscription_arn)
     except ClientError as exc:
-        if _error_code(exc) != SUBSCRIPTION_MISSING_CODE:
+        if _error_code(exc) != SNS_MISSING_CODE:
             raise
 
 
 def _error_code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
+
+
+# -- The cleanup command: queues and subscriptions that a killed process left behind. --
+
+
+@dataclass
+class CleanupReport:
+    """What `cleanup` found: names of removed (or, in a dry run, removable) and kept entities."""
+
+    stale_queues: list[str] = field(default_factory=list)
+    live_queues: list[str] = field(default_factory=list)
+    removed_subscriptions: list[str] = field(default_factory=list)
+
+
+def cleanup(app: Celery, stale_after_s: float = STALE_AFTER_S, dry_run: bool = False) -> CleanupReport:
+    """Remove the monitoring queues and SNS subscriptions that no live process uses.
+
+    A monitoring queue is an event receiver's `celeryev-<id>` queue, a caller's
+    `<oid>-reply-celery-pidbox` queue or a worker's `<node>-celery-pidbox` mailbox (with
+    the configured queue name prefix and exchange names). It is stale when its
+    HEARTBEAT_TAG is older than `stale_after_s` seconds, or when it has no such tag and
+    was created more than `stale_after_s` seconds ago. A stale queue loses its SNS
+    subscriptions first, then is deleted. A subscription of the event or remote-control
+    topic whose queue no longer exists is removed too. With `dry_run`, nothing changes.
+    Raises botocore's ClientError when SQS or SNS rejects a request.
+    """
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        sqs_client, sns_client = channel.sqs(), channel.fanout.get_client()
+        naming = _MonitoringNames(app, channel.canonical_queue_name)
+
+        report = CleanupReport()
+        queues = _list_queue_urls(sqs_client, naming.queue_name_prefix)
+        arns_by_url = {}
+        for url in queues:
+            name = url.rsplit("/", 1)[-1]
+            if not naming.is_monitoring_queue(name):
+                continue
+            attributes = _queue_attributes(sqs_client, url)
+            if attributes is None:
+                continue
+            if _is_stale(sqs_client, url, attributes, stale_after_s):
+                report.stale_queues.append(name)
+                arns_by_url[url] = attributes["QueueArn"]
+            else:
+                report.live_queues.append(name)
+
+        existing = {url.rsplit("/", 1)[-1] for url in queues}
+        stale_arns = set(arns_by_url.values())
+        for topic_arn in _topic_arns(sns_client, naming.topics):
+            for subscription in _subscriptions(sns_client, topic_arn):
+                if _is_removable(sqs_client, subscription, stale_arns, existing):
+                    report.removed_subscriptions.append(subscription["SubscriptionArn"])
+                    if not dry_run:
+                        _unsubscribe(sns_client, subscription["SubscriptionArn"])
+
+        if not dry_run:
+            for url in arns_by_url:
+                _delete_queue(sqs_client, url)
+        return report
+
+
+class _MonitoringNames:
+    """The SQS names of the monitoring queues and topics for the app's configuration."""
+
+    def __init__(self, app: Celery, canonical: Callable[[str], str]) -> None:
+        conf = app.conf
+        self.queue_name_prefix = canonical("")
+        self.event_queue_start = canonical(f"{conf.event_queue_prefix}.")
+        self.mailbox_end = canonical(f".{conf.control_exchange}.pidbox")
+        self.topics = {
+            canonical(conf.event_exchange),
+            canonical(Mailbox.exchange_fmt % conf.control_exchange),
+        }
+
+    def is_monitoring_queue(self, name: str) -> bool:
+        return name.startswith(self.event_queue_start) or (
+            name.startswith(self.queue_name_prefix) and name.endswith(self.mailbox_end)
+        )
+
+
+def _list_queue_urls(sqs_client: Any, prefix: str) -> list[str]:
+    paginator = sqs_client.get_paginator("list_queues")
+    urls: list[str] = []
+    for page in paginator.paginate(QueueNamePrefix=prefix, PaginationConfig={"PageSize": 1000}):
+        urls.extend(page.get("QueueUrls", []))
+    return urls
+
+
+def _queue_attributes(sqs_client: Any, url: str) -> dict[str, str] | None:
+    try:
+        response = sqs_client.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["QueueArn", "CreatedTimestamp"]
+        )
+    except ClientError as exc:
+        if _error_code(exc) in QUEUE_MISSING_CODES:
+            return None  # deleted since it was listed
+        raise
+    return response["Attributes"]
+
+
+def _is_stale(sqs_client: Any, url: str, attributes: dict[str, str], stale_after_s: float) -> bool:
+    tags = sqs_client.list_queue_tags(QueueUrl=url).get("Tags", {})
+    try:
+        last_seen = float(tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):
+        last_seen = float(attributes["CreatedTimestamp"])
+    return time.time() - last_seen > stale_after_s
+
+
+def _topic_arns(sns_client: Any, topic_names: set[str]) -> list[str]:
+    arns = []
+    for page in sns_client.get_paginator("list_topics").paginate():
+        for topic in page.get("Topics", []):
+            if topic["TopicArn"].rsplit(":", 1)[-1] in topic_names:
+                arns.append(topic["TopicArn"])
+    return arns
+
+
+def _is_removable(
+    sqs_client: Any, subscription: dict[str, str], stale_arns: set[str], existing: set[str]
+) -> bool:
+    if subscription.get("Protocol", "").lower() != "sqs":
+        return False
+
+    endpoint = subscription.get("Endpoint", "")
+    if endpoint in stale_arns:
+        return True
+    queue_name = endpoint.rsplit(":", 1)[-1]
+    if queue_name in existing:
+        return False
+
+    # Not listed: ask directly, since a new queue can be missing from ListQueues for a while.
+    try:
+        sqs_client.get_queue_url(QueueName=queue_name)
+    except ClientError as exc:
+        if _error_code(exc) in QUEUE_MISSING_CODES:
+            return True
+        raise
+    return False
+
+
+def _delete_queue(sqs_client: Any, url: str) -> None:
+    try:
+        sqs_client.delete_queue(QueueUrl=url)
+    except ClientError as exc:
+        if _error_code(exc) not in QUEUE_MISSING_CODES:
+            raise
 
 
 # -- Installation and its checks. --
@@ -331,12 +498,13 @@ _installed = False
 
 
 def enable_sqs_monitoring(app: Celery, settings: Settings) -> None:
-    """Install the SQS monitoring adaptations for this process; see the module docstring.
+    """Install the SQS monitoring adaptations in this process; see the module docstring.
 
-    Does nothing unless the broker is SQS. The event exchange turns fanout only when
-    `settings.events` is on; remote control and the queue clean-up are always installed.
-    Raises RuntimeError when the installed Celery or kombu differ from TESTED_VERSIONS,
-    when a patched internal is missing, or when `supports_fanout` is not on.
+    Does nothing unless the broker URL is `sqs://`. The event exchange becomes fanout only
+    when `settings.events` is on; remote control and the queue deletion at exit are always
+    installed. Call it before the app connects. Raises RuntimeError when the installed
+    Celery or kombu differ from TESTED_VERSIONS, when an internal relied on is missing,
+    or when the `supports_fanout` transport option is not on.
     """
     global _installed
 
@@ -347,12 +515,12 @@ def enable_sqs_monitoring(app: Celery, settings: Settings) -> None:
     if not app.conf.broker_transport_options.get("supports_fanout"):
         raise RuntimeError(
             "broker_transport_options['supports_fanout'] is not True: SQS monitoring and remote "
-            "control need kombu's SNS fan-out; set it in celeryconfig.py"
+            "control need kombu's SNS fan-out, so set it in celeryconfig.py"
         )
 
     kombu.transport.TRANSPORT_ALIASES["sqs"] = _MONITORING_TRANSPORT
     if kombu.transport.get_transport_cls("sqs") is not MonitoringTransport:
-        raise RuntimeError("kombu had already loaded its SQS transport: enable SQS monitoring before connecting")
+        raise RuntimeError("kombu loaded its SQS transport before enable_sqs_monitoring was called")
 
     if settings.events:
         for module in _GET_EXCHANGE_USERS:
@@ -363,35 +531,37 @@ def enable_sqs_monitoring(app: Celery, settings: Settings) -> None:
 
 
 def check_compatibility() -> None:
-    """Raise RuntimeError unless the installed Celery and kombu have every internal patched here."""
-    found = {"celery": celery.__version__, "kombu": kombu.__version__}
-    for package, version in found.items():
+    """Raise RuntimeError unless Celery and kombu are the tested versions with every internal used."""
+    installed = {"celery": celery.__version__, "kombu": kombu.__version__}
+    for package, version in installed.items():
         if version != TESTED_VERSIONS[package]:
             raise RuntimeError(
-                f"{package} {version} is installed but tasks/sqs_events.py was checked against "
+                f"{package} {version} is installed, but tasks/sqs_events.py was checked against "
                 f"{package} {TESTED_VERSIONS[package]}: review each adaptation against the new "
                 "version, then update TESTED_VERSIONS"
             )
 
     problems = [problem for check in _INTERNAL_CHECKS if (problem := check())]
     if problems:
-        raise RuntimeError("tasks/sqs_events.py no longer matches kombu or Celery: " + "; ".join(problems))
+        raise RuntimeError("tasks/sqs_events.py no longer fits kombu or Celery: " + "; ".join(problems))
 
 
 def _signature_check(owner: Any, name: str, parameters: tuple[str, ...]) -> Callable[[], str | None]:
+    """Return a check that `owner.name` exists and starts with `parameters`."""
+
     def check() -> str | None:
         method = getattr(owner, name, None)
         if method is None:
-            return f"{owner.__qualname__}.{name} is missing"
+            return f"{owner.__name__}.{name} is missing"
         found = tuple(inspect.signature(method).parameters)[: len(parameters)]
         if found != parameters:
-            return f"{owner.__qualname__}.{name} takes {found}, expected {parameters}"
+            return f"{owner.__name__}.{name} takes {found}, expected {parameters}"
         return None
 
     return check
 
 
-def _check_stock_get_exchange() -> str | None:
+def _check_get_exchange_users() -> str | None:
     for module in _GET_EXCHANGE_USERS:
         if getattr(module, "get_exchange", None) not in (_stock_get_exchange, _fanout_event_exchange):
             return f"{module.__name__}.get_exchange is not celery.events.event.get_exchange"
@@ -409,27 +579,25 @@ def _check_reply_queue_name() -> str | None:
     mailbox = Mailbox("probe")
     reply_queue = mailbox.get_reply_queue()
     if reply_queue.name != f"{reply_queue.routing_key}.{mailbox.reply_exchange.name}":
-        return f"kombu's pidbox reply queue is named {reply_queue.name!r}, not '<oid>.<reply exchange>'"
+        return f"kombu's pidbox reply queue {reply_queue.name!r} is not named '<oid>.<exchange>'"
     if not _REPLY_QUEUE.fullmatch(reply_queue.name):
-        return f"kombu's pidbox reply queue name {reply_queue.name!r} does not match {_REPLY_QUEUE.pattern}"
+        return f"kombu's pidbox reply queue {reply_queue.name!r} does not match {_REPLY_QUEUE.pattern}"
     return None
 
 
-def _check_fanout_attributes() -> str | None:
-    for name in ("supports_fanout", "fanout", "_queue_cache", "hub"):
-        if name == "hub":
-            if "self.hub" not in inspect.getsource(SQS.Channel.__init__):
-                return "kombu.transport.SQS.Channel no longer sets self.hub"
-        elif not hasattr(SQS.Channel, name):
+def _check_channel_attributes() -> str | None:
+    for name in ("supports_fanout", "fanout", "_queue_cache", "typeof"):
+        if not hasattr(SQS.Channel, name):
             return f"kombu.transport.SQS.Channel.{name} is missing"
     return None
 
 
 _INTERNAL_CHECKS: tuple[Callable[[], str | None], ...] = (
-    _check_stock_get_exchange,
+    _check_get_exchange_users,
     _check_sqs_alias,
     _check_reply_queue_name,
-    _check_fanout_attributes,
+    _check_channel_attributes,
+    _signature_check(celery.events.event, "get_exchange", ("conn", "name")),
     _signature_check(SQS.Channel, "_lookup", ("self", "exchange", "routing_key", "default")),
     _signature_check(SQS.Channel, "_delete_message", ("self", "queue_name", "message")),
     _signature_check(
@@ -439,5 +607,54 @@ _INTERNAL_CHECKS: tuple[Callable[[], str | None], ...] = (
     _signature_check(SQS.Channel, "queue_declare", ("self", "queue", "passive")),
     _signature_check(SQS.Channel, "queue_bind", ("self", "queue", "exchange", "routing_key", "arguments")),
     _signature_check(SQS.Channel, "queue_delete", ("self", "queue", "if_unused", "if_empty")),
-    _signature_check(celery.events.event, "get_exchange", ("conn", "name")),
 )
+
+
+# -- Command line. --
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `python -m tasks.sqs_events cleanup [--stale-after SECONDS] [--dry-run]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.sqs_events",
+        description="Remove the monitoring queues and SNS subscriptions left by killed processes.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    clean = commands.add_parser("cleanup", help="remove stale monitoring queues and subscriptions")
+    clean.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER_S,
+        metavar="SECONDS",
+        help=f"seconds without a heartbeat before a queue counts as stale (default: {STALE_AFTER_S:g})",
+    )
+    clean.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tasks.application import app
+
+    report = cleanup(app, stale_after_s=args.stale_after, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for name in report.stale_queues:
+        print(f"{verb} queue {name}")
+    for arn in report.removed_subscriptions:
+        print(f"{verb} subscription {arn}")
+    print(
+        f"{verb} {len(report.stale_queues)} stale queues and {len(report.removed_subscriptions)} "
+        f"subscriptions; kept {len(report.live_queues)} live monitoring queues"
+    )
+    return 0
+
+
+# `python -m tasks.sqs_events` imports the package `tasks` first, and with it this module
+# (the app installs it), before running this file again as __main__. runpy warns about that
+# second copy, so the warning is silenced here and __main__ hands over to the first copy.
+warnings.filterwarnings(
+    "ignore", message=rf"'{re.escape(__name__)}' found in sys.modules", category=RuntimeWarning
+)
+
+if __name__ == "__main__":
+    from tasks.sqs_events import main as package_main
+
+    sys.exit(package_main())
