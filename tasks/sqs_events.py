@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import inspect
 import logging
 import os
@@ -96,14 +97,30 @@ class MonitoringChannel(SQS.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not hasattr(self, "hub"):
-            raise RuntimeError("kombu's SQS channel no longer sets self.hub: review tasks/sqs_events.py")
+            raise RuntimeError(
+                "kombu's SQS channel no longer sets self.hub: review tasks/sqs_events.py"
+            )
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
-        declared = super().queue_declare(queue, passive, **kwargs)
-        if kwargs.get("auto_delete") and not passive:
+        if not kwargs.get("auto_delete") or passive:
+            return super().queue_declare(queue, passive, **kwargs)
+
+        with _owned_queues.unless_exiting():
+            declared = super().queue_declare(queue, passive, **kwargs)
             name = self.canonical_queue_name(declared.queue)
             _owned_queues.add(name, self._new_queue(declared.queue), self.sqs())
         return declared
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        if not _owned_queues.owns(self.canonical_queue_name(queue)):
+            return super().basic_consume(queue, no_ack, callback, consumer_tag, *args, **kwargs)
+
+        # kombu subscribes the queue to its SNS topic here; at exit that would leave a
+        # subscription to a deleted queue, and moto then rejects every publish to the topic.
+        with _owned_queues.unless_exiting():
+            return super().basic_consume(queue, no_ack, callback, consumer_tag, *args, **kwargs)
 
     def queue_bind(
         self,
@@ -116,7 +133,9 @@ class MonitoringChannel(SQS.Channel):
         super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
         if exchange and self.supports_fanout and self.typeof(exchange).type == "fanout":
             topic = self.canonical_queue_name(exchange)
-            _owned_queues.add_topic(self.canonical_queue_name(queue), topic, self.fanout.get_client())
+            _owned_queues.add_topic(
+                self.canonical_queue_name(queue), topic, self.fanout.get_client()
+            )
 
     def queue_delete(
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
@@ -165,7 +184,9 @@ class MonitoringChannel(SQS.Channel):
         self, queue: str, max_number_of_messages: int = 1, wait_time_seconds: int | None = None
     ) -> Any:
         if self.hub is None and _REPLY_QUEUE.fullmatch(queue):
-            wait_time_seconds = min(wait_time_seconds or self.wait_time_seconds, CLIENT_REPLY_WAIT_S)
+            wait_time_seconds = min(
+                wait_time_seconds or self.wait_time_seconds, CLIENT_REPLY_WAIT_S
+            )
         return super()._receive_message(queue, max_number_of_messages, wait_time_seconds)
 
 
@@ -223,6 +244,10 @@ class _OwnedQueue:
     topics: set[str] = field(default_factory=set)
 
 
+class ProcessExitingError(RuntimeError):
+    """This process is deleting its queues at exit, so it declares and subscribes no more."""
+
+
 class _OwnedQueues:
     """The auto-delete queues this process declared: tagged while it runs, deleted at exit."""
 
@@ -230,6 +255,22 @@ class _OwnedQueues:
         self._queues: dict[str, _OwnedQueue] = {}
         self._lock = threading.Lock()
         self._owner_pid: int | None = None
+        # Held while a queue is declared or subscribed and while delete_all runs, so that a
+        # daemon thread (Flower's event receiver) cannot create a queue that delete_all misses.
+        self._exit_lock = threading.RLock()
+        self._exiting = False
+
+    @contextlib.contextmanager
+    def unless_exiting(self) -> Iterator[None]:
+        """Hold the exit lock for a declaration; raise ProcessExitingError once delete_all began."""
+        with self._exit_lock:
+            if self._exiting:
+                raise ProcessExitingError("the process is exiting and has deleted its queues")
+            yield
+
+    def owns(self, name: str) -> bool:
+        with self._lock:
+            return name in self._queues
 
     def add(self, name: str, url: str, sqs_client: Any) -> None:
         with self._lock:
@@ -255,15 +296,20 @@ class _OwnedQueues:
         if self._owner_pid != os.getpid():
             return  # a forked pool process owns none of its parent's queues
 
-        for owned in self._snapshot():
-            try:
-                _unsubscribe_queue(owned.sqs_client, owned.sns_client, owned.url, owned.topics)
-                owned.sqs_client.delete_queue(QueueUrl=owned.url)
-                logger.info("deleted queue %s at exit", owned.name)
-            except ClientError as exc:
-                if _error_code(exc) not in QUEUE_MISSING_CODES:
-                    logger.warning("could not delete queue %s at exit: %s", owned.name, exc)
-            self.discard(owned.name)
+        with self._exit_lock:
+            self._exiting = True
+            for owned in self._snapshot():
+                self._delete(owned)
+
+    def _delete(self, owned: _OwnedQueue) -> None:
+        try:
+            _unsubscribe_queue(owned.sqs_client, owned.sns_client, owned.url, owned.topics)
+            owned.sqs_client.delete_queue(QueueUrl=owned.url)
+            logger.info("deleted queue %s at exit", owned.name)
+        except ClientError as exc:
+            if _error_code(exc) not in QUEUE_MISSING_CODES:
+                logger.warning("could not delete queue %s at exit: %s", owned.name, exc)
+        self.discard(owned.name)
 
     def _beat_forever(self) -> None:
         while True:
@@ -290,7 +336,9 @@ class _OwnedQueues:
             return
 
         self._owner_pid = os.getpid()
-        thread = threading.Thread(target=self._beat_forever, name="sqs-queue-heartbeat", daemon=True)
+        thread = threading.Thread(
+            target=self._beat_forever, name="sqs-queue-heartbeat", daemon=True
+        )
         thread.start()
 
 
@@ -356,7 +404,9 @@ class CleanupReport:
     removed_subscriptions: list[str] = field(default_factory=list)
 
 
-def cleanup(app: Celery, stale_after_s: float = STALE_AFTER_S, dry_run: bool = False) -> CleanupReport:
+def cleanup(
+    app: Celery, stale_after_s: float = STALE_AFTER_S, dry_run: bool = False
+) -> CleanupReport:
     """Remove the monitoring queues and SNS subscriptions that no live process uses.
 
     A monitoring queue is an event receiver's `celeryev-<id>` queue, a caller's
@@ -543,10 +593,14 @@ def check_compatibility() -> None:
 
     problems = [problem for check in _INTERNAL_CHECKS if (problem := check())]
     if problems:
-        raise RuntimeError("tasks/sqs_events.py no longer fits kombu or Celery: " + "; ".join(problems))
+        raise RuntimeError(
+            "tasks/sqs_events.py no longer fits kombu or Celery: " + "; ".join(problems)
+        )
 
 
-def _signature_check(owner: Any, name: str, parameters: tuple[str, ...]) -> Callable[[], str | None]:
+def _signature_check(
+    owner: Any, name: str, parameters: tuple[str, ...]
+) -> Callable[[], str | None]:
     """Return a check that `owner.name` exists and starts with `parameters`."""
 
     def check() -> str | None:
@@ -563,7 +617,10 @@ def _signature_check(owner: Any, name: str, parameters: tuple[str, ...]) -> Call
 
 def _check_get_exchange_users() -> str | None:
     for module in _GET_EXCHANGE_USERS:
-        if getattr(module, "get_exchange", None) not in (_stock_get_exchange, _fanout_event_exchange):
+        if getattr(module, "get_exchange", None) not in (
+            _stock_get_exchange,
+            _fanout_event_exchange,
+        ):
             return f"{module.__name__}.get_exchange is not celery.events.event.get_exchange"
     return None
 
@@ -581,7 +638,9 @@ def _check_reply_queue_name() -> str | None:
     if reply_queue.name != f"{reply_queue.routing_key}.{mailbox.reply_exchange.name}":
         return f"kombu's pidbox reply queue {reply_queue.name!r} is not named '<oid>.<exchange>'"
     if not _REPLY_QUEUE.fullmatch(reply_queue.name):
-        return f"kombu's pidbox reply queue {reply_queue.name!r} does not match {_REPLY_QUEUE.pattern}"
+        return (
+            f"kombu's pidbox reply queue {reply_queue.name!r} does not match {_REPLY_QUEUE.pattern}"
+        )
     return None
 
 
@@ -601,12 +660,19 @@ _INTERNAL_CHECKS: tuple[Callable[[], str | None], ...] = (
     _signature_check(SQS.Channel, "_lookup", ("self", "exchange", "routing_key", "default")),
     _signature_check(SQS.Channel, "_delete_message", ("self", "queue_name", "message")),
     _signature_check(
-        SQS.Channel, "_receive_message", ("self", "queue", "max_number_of_messages", "wait_time_seconds")
+        SQS.Channel,
+        "_receive_message",
+        ("self", "queue", "max_number_of_messages", "wait_time_seconds"),
     ),
     _signature_check(SQS.Channel, "_new_queue", ("self", "queue")),
     _signature_check(SQS.Channel, "queue_declare", ("self", "queue", "passive")),
-    _signature_check(SQS.Channel, "queue_bind", ("self", "queue", "exchange", "routing_key", "arguments")),
+    _signature_check(
+        SQS.Channel, "queue_bind", ("self", "queue", "exchange", "routing_key", "arguments")
+    ),
     _signature_check(SQS.Channel, "queue_delete", ("self", "queue", "if_unused", "if_empty")),
+    _signature_check(
+        SQS.Channel, "basic_consume", ("self", "queue", "no_ack", "callback", "consumer_tag")
+    ),
 )
 
 
@@ -628,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help=f"seconds without a heartbeat before a queue counts as stale (default: {STALE_AFTER_S:g})",
     )
-    clean.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    clean.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
