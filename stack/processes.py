@@ -155,6 +155,7 @@ class LocalStack:
         return process
 
     def start_flower(self, port: int = 5555) -> subprocess.Popen:
+        """Start Flower on 127.0.0.1:`port`, its API open without login as it is loopback-only."""
         command = [
             sys.executable,
             "-m",
@@ -165,7 +166,7 @@ class LocalStack:
             f"--address={HOST}",
             f"--port={port}",
         ]
-        process = self.spawn("flower", command, self.env())
+        process = self.spawn("flower", command, self.env(FLOWER_UNAUTHENTICATED_API="true"))
         wait_for_port(port, process)
         return process
 

@@ -27,7 +27,11 @@ settings = _settings_or_exit()
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
-enable_sqs_monitoring(app, settings)
+try:
+    enable_sqs_monitoring(app, settings)
+except RuntimeError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 #: Loggers whose INFO lines repeat what the task logs itself (received, succeeded, retry)

@@ -1,7 +1,8 @@
 """Make Flower, `celery events` and `celery inspect/control` work on the SQS broker.
 
-Stock Celery 5.7.0 and kombu 5.7.0 on SQS send no events and answer no remote control.
-`enable_sqs_monitoring(app, settings)` fixes that with five narrow adaptations:
+On SQS, stock Celery 5.7.0 and kombu 5.7.0 send no events, and workers reply to no
+remote-control command. `enable_sqs_monitoring(app, settings)` fixes that with five
+narrow adaptations:
 
 1. The transport option `supports_fanout: True` (set in celeryconfig.py) makes kombu map
    fanout exchanges to SNS topics and subscribe each consuming SQS queue to its topic.
@@ -15,7 +16,8 @@ Stock Celery 5.7.0 and kombu 5.7.0 on SQS send no events and answer no remote co
    kombu's in-process routing drops every reply a worker sends.
 5. A process without a kombu event loop (Flower, `celery events`, `celery inspect`)
    deletes received no-ack messages with the blocking boto3 client, because kombu's
-   asynchronous client needs the loop and raises AttributeError without one.
+   asynchronous client needs the loop and raises AttributeError without one. Such a
+   process also long-polls a reply queue for at most CLIENT_REPLY_WAIT_S.
 
 Queues declared with `auto_delete=True` (event receivers, reply queues, each worker's
 mailbox) are unsubscribed from SNS and deleted when their process exits, as AMQP does.
@@ -51,7 +53,7 @@ import celery.events.event
 import celery.events.receiver
 import kombu
 import kombu.transport
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from kombu.pidbox import Mailbox
 from kombu.transport import SQS
@@ -73,7 +75,7 @@ HEARTBEAT_INTERVAL_S = 60.0
 #: heartbeat intervals, so that a slow owner, or one whose clock is a little behind, keeps it.
 STALE_AFTER_S = 300.0
 
-#: Longest long-poll wait, in seconds, on a reply queue in a process without an event loop.
+#: Maximum long-poll wait, in seconds, on a reply queue in a process without an event loop.
 #: `celery inspect` drains until a receive comes back empty, so the full SQS wait
 #: (INGEST_POLL_WAIT_S) would otherwise be added to every command.
 CLIENT_REPLY_WAIT_S = 1
@@ -117,8 +119,8 @@ class MonitoringChannel(SQS.Channel):
         if not _owned_queues.owns(self.canonical_queue_name(queue)):
             return super().basic_consume(queue, no_ack, callback, consumer_tag, *args, **kwargs)
 
-        # kombu subscribes the queue to its SNS topic here; at exit that would leave a
-        # subscription to a deleted queue, and moto then rejects every publish to the topic.
+        # kombu subscribes the queue to its SNS topic here. Doing that after delete_all
+        # leaves a subscription to a deleted queue, and moto then rejects each publish to it.
         with _owned_queues.unless_exiting():
             return super().basic_consume(queue, no_ack, callback, consumer_tag, *args, **kwargs)
 
@@ -141,9 +143,11 @@ class MonitoringChannel(SQS.Channel):
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
     ) -> None:
         super().queue_delete(queue, if_unused, if_empty, **kwargs)
+        if if_unused or if_empty:
+            return  # kombu may have kept the queue, so this process still owns it
 
-        # kombu forgets a deleted queue's URL under the AMQP name but caches it under the SQS
-        # name, so declaring that name again in this connection would reuse the dead URL.
+        # kombu drops the URL from its cache under the AMQP name, but the cache is keyed by the
+        # SQS name. A queue declared again under this name would then get the deleted URL.
         name = self.canonical_queue_name(queue)
         self._queue_cache.pop(name, None)
         _owned_queues.discard(name)
@@ -155,14 +159,14 @@ class MonitoringChannel(SQS.Channel):
 
         reply_queue = f"{routing_key}.{exchange}"
         if not self._queue_exists(reply_queue):
-            # The caller stopped waiting and deleted its queue; sending would create it again.
+            # The caller stopped waiting and deleted its queue, and sending would create it again.
             logger.info("dropped a remote-control reply: queue %s no longer exists", reply_queue)
             return []
         return [reply_queue]
 
     def _queue_exists(self, queue: str) -> bool:
-        # NOTE: the caller may delete its queue between this check and the send, and then
-        # kombu's send creates it again; `cleanup` removes such a queue once it is stale.
+        # NOTE: the caller may delete its queue between this check and the send, and kombu's
+        # send then creates it again. `cleanup` removes such a queue once it is stale.
         try:
             self.sqs().get_queue_url(QueueName=self.canonical_queue_name(queue))
         except ClientError as exc:
@@ -199,7 +203,7 @@ class MonitoringTransport(SQS.Transport):
         super().__init__(client, **kwargs)
         if client.transport_options.get("supports_fanout"):
             # Celery's worker starts its remote-control consumer only on a transport that
-            # implements fanout; with this option kombu routes fanout exchanges through SNS.
+            # implements fanout. With this option, kombu routes fanout exchanges through SNS.
             stock = SQS.Transport.implements
             self.implements = stock.extend(exchange_type=stock.exchange_type | {"fanout"})
 
@@ -309,6 +313,8 @@ class _OwnedQueues:
         except ClientError as exc:
             if _error_code(exc) not in QUEUE_MISSING_CODES:
                 logger.warning("could not delete queue %s at exit: %s", owned.name, exc)
+        except BotoCoreError as exc:
+            logger.warning("could not delete queue %s at exit: %s", owned.name, exc)
         self.discard(owned.name)
 
     def _beat_forever(self) -> None:
@@ -326,6 +332,8 @@ class _OwnedQueues:
                 return
             logger.warning("queue %s was deleted by another process", owned.name)
             self.discard(owned.name)
+        except BotoCoreError as exc:
+            logger.warning("could not tag queue %s with a heartbeat: %s", owned.name, exc)
 
     def _snapshot(self) -> list[_OwnedQueue]:
         with self._lock:
@@ -397,7 +405,10 @@ def _error_code(exc: ClientError) -> str:
 
 @dataclass
 class CleanupReport:
-    """What `cleanup` found: names of removed (or, in a dry run, removable) and kept entities."""
+    """Result of `cleanup`: the SQS queues and SNS subscriptions removed, and the queues kept.
+
+    In a dry run, the removed lists name what would have been removed.
+    """
 
     stale_queues: list[str] = field(default_factory=list)
     live_queues: list[str] = field(default_factory=list)
@@ -443,7 +454,7 @@ def cleanup(
         stale_arns = set(arns_by_url.values())
         for topic_arn in _topic_arns(sns_client, naming.topics):
             for subscription in _subscriptions(sns_client, topic_arn):
-                if _is_removable(sqs_client, subscription, stale_arns, existing):
+                if _is_removable(sqs_client, subscription, stale_arns, existing, topic_arn):
                     report.removed_subscriptions.append(subscription["SubscriptionArn"])
                     if not dry_run:
                         _unsubscribe(sns_client, subscription["SubscriptionArn"])
@@ -512,7 +523,11 @@ def _topic_arns(sns_client: Any, topic_names: set[str]) -> list[str]:
 
 
 def _is_removable(
-    sqs_client: Any, subscription: dict[str, str], stale_arns: set[str], existing: set[str]
+    sqs_client: Any,
+    subscription: dict[str, str],
+    stale_arns: set[str],
+    existing: set[str],
+    topic_arn: str,
 ) -> bool:
     if subscription.get("Protocol", "").lower() != "sqs":
         return False
@@ -520,7 +535,13 @@ def _is_removable(
     endpoint = subscription.get("Endpoint", "")
     if endpoint in stale_arns:
         return True
-    queue_name = endpoint.rsplit(":", 1)[-1]
+
+    # ARNs are arn:<partition>:<service>:<region>:<account>:<name>. This client cannot look
+    # up a queue outside the topic's region and account, so such a subscription is kept.
+    queue_parts, topic_parts = endpoint.split(":"), topic_arn.split(":")
+    if len(queue_parts) != 6 or queue_parts[3:5] != topic_parts[3:5]:
+        return False
+    queue_name = queue_parts[5]
     if queue_name in existing:
         return False
 
