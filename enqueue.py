@@ -2,6 +2,7 @@
 
     python enqueue.py [DATA_DIR] [--column NAME] [--encoding NAME] [--delimiter CHAR] [--dry-run]
     python enqueue.py status [RUN_ID] [--wait]
+    python enqueue.py --retry-failed [--dead-letters]
 
 Exit status: 0 when every row was sent or accounted for, 1 when a row or a file was
 refused (the other rows still ran), 2 for invalid settings or arguments, 3 when
@@ -17,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.application import settings
+from tasks.application import app, settings
+from tasks.dispatch import BatchSender
 from tasks.enqueuer import Enqueuer, EnqueueSummary
 from tasks.errors import DispatchError
-from tasks.journal import RunJournal
-from tasks.queues import ensure_queues
+from tasks.journal import SENT, RunJournal
+from tasks.queues import dead_letter_queue_name, ensure_queues, move_dead_letters
 from tasks.rows import ReadOptions, parse_delimiter
 from tasks import status
 
@@ -60,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a new run even if the last one was interrupted",
     )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help=(
+            "instead of reading DATA_DIR, send again the rows of the failure ledger "
+            "(python -m tasks.store failures), once the cause is fixed. Each ledger entry is "
+            f"sent once: entries sent are recorded in INGEST_RUNS_DIR/{RETRY_JOURNAL}, so a "
+            "second --retry-failed skips them, and rows stored since are skipped too"
+        ),
+    )
+    parser.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help=(
+            "move the fetch_phrase messages of the dead-letter queue back to the task queue, "
+            "once the cause is fixed; other messages (undecodable ones) stay there. "
+            "Alone or with --retry-failed"
+        ),
+    )
     return parser
 
 
@@ -69,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return status_main(argv[1:])
 
     args = build_parser().parse_args(argv)
+    if args.retry_failed or args.dead_letters:
+        return retry_main(args.retry_failed, args.dead_letters)
     if not args.data_dir.is_dir():
         print(f"error: data directory {args.data_dir} not found", file=sys.stderr)
         return EXIT_USAGE
@@ -94,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = enqueuer.run()
     except (DispatchError, KeyboardInterrupt) as exc:
+        # Enqueuer.run stops before it records the batches SQS confirmed last; without
+        # them the journal would call those rows pending and a re-run would send them again.
+        enqueuer._record_accepted()
         journal.set_meta("state", "interrupted")
+        counts = journal.counts()
         journal.close()
-        report_interruption(enqueuer, journal, exc)
+        report_interruption(enqueuer, journal, exc, counts)
         return EXIT_INTERRUPTED
 
     journal.set_meta("state", "finished")
@@ -134,16 +161,96 @@ def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
     return RunJournal.create(settings.runs_dir, data_dir)
 
 
-def report_interruption(enqueuer: Enqueuer, journal: RunJournal, exc: BaseException) -> None:
+def report_interruption(
+    enqueuer: Enqueuer, journal: RunJournal, exc: BaseException, counts: dict[str, int]
+) -> None:
+    """Print how far the run got: rows read, and requests confirmed by SQS or not."""
     reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
     summary = enqueuer.summary
     print(
-        f"error: sending stopped at {enqueuer.position} ({reason}).\n"
-        f"  {summary.rows_read:,} rows read; {summary.sent:,} tasks handed to the sender, "
-        f"of which SQS confirmed the ones recorded in run {journal.run_id}.\n"
-        f"  Run the same command again to resume: confirmed rows are not sent twice.",
+        f"error: sending stopped after reading up to {enqueuer.position} ({reason}).\n"
+        f"  {summary.rows_read:,} rows read; of the distinct requests of run {journal.run_id}, "
+        f"{counts[SENT]:,} confirmed by SQS and {counts['pending']:,} not confirmed.\n"
+        f"  Run the same command again to resume: it sends the unconfirmed ones only.",
         file=sys.stderr,
     )
+
+
+#: The journal of `--retry-failed` under INGEST_RUNS_DIR: the ledger entries it sent.
+RETRY_JOURNAL = "retry-failed/journal.sqlite"
+
+
+def retry_main(retry_failed: bool, dead_letters: bool) -> int:
+    """Run `--retry-failed` and/or `--dead-letters`; return the exit status."""
+    ensure_queues(settings)
+    lines = []
+    if retry_failed:
+        try:
+            counts = send_failed_again()
+        except DispatchError as exc:
+            print(f"error: {exc}. Run the same command again to send the rest.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        lines += [
+            ("ledger entries", f"{counts['entries']:,}"),
+            ("sent again", f"{counts['sent']:,}"),
+            ("sent before", f"{counts['sent_before']:,} (by an earlier --retry-failed)"),
+            ("already stored", f"{counts['already_stored']:,}"),
+            ("not sendable", f"{counts['shortened']:,} (phrase shortened in the ledger)"),
+        ]
+    if dead_letters:
+        moved = move_dead_letters(settings, "fetch_phrase")
+        queue = dead_letter_queue_name(settings)
+        left = f"{moved.left:,} left (not fetch_phrase task messages, see {queue})"
+        lines.append(("dead letters", f"{moved.moved:,} moved, {left}"))
+    print("\n".join(f"{label + ':':<{SUMMARY_LABEL_WIDTH}}{value}" for label, value in lines))
+    return EXIT_OK
+
+
+def ledger_entry_id(entry: dict) -> str:
+    """Return the id under which the retry journal records a ledger entry."""
+    return f"{entry.get('at')} {entry.get('task_id')} {entry.get('file')}:{entry.get('line')}"
+
+
+def send_failed_again() -> dict[str, int]:
+    """Send one fetch_phrase task per failure-ledger entry not yet sent again or stored.
+
+    Returns the count of each outcome. Raises DispatchError if SQS rejected messages;
+    the entries it confirmed are recorded, so that a re-run sends only the others.
+    """
+    from tasks.sources.phrase_api import request_identity
+    from tasks.store import FailureLedger, ResultStore, result_key
+
+    journal_path = settings.runs_dir / RETRY_JOURNAL
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    journal = RunJournal(journal_path)
+    store = ResultStore(settings.store_dir)
+    counts = dict.fromkeys(["entries", "sent", "sent_before", "already_stored", "shortened"], 0)
+    entry_ids: dict[str, list[str]] = {}  # request key -> the ledger entries its task covers
+    accepted: list[str] = []
+    try:
+        with BatchSender(app, on_sent=accepted.extend) as sender:
+            for entry in FailureLedger(settings.store_dir).entries():
+                counts["entries"] += 1
+                phrase, file, line = entry["phrase"], entry["file"], entry["line"]
+                key = result_key(request_identity(phrase, settings))
+                if "phrase_sha256" in entry:
+                    counts["shortened"] += 1
+                    continue
+                if store.exists(phrase, key):
+                    counts["already_stored"] += 1
+                    continue
+                first = journal.claim(ledger_entry_id(entry), file, line)
+                if first is not None and first.state == SENT:
+                    counts["sent_before"] += 1
+                    continue
+                if key not in entry_ids:
+                    sender.send("fetch_phrase", (phrase, file, line), tag=key)
+                    counts["sent"] += 1
+                entry_ids.setdefault(key, []).append(ledger_entry_id(entry))
+    finally:
+        journal.mark_sent(entry_id for key in accepted for entry_id in entry_ids[key])
+        journal.close()
+    return counts
 
 
 def print_summary(

@@ -470,6 +470,8 @@ class _PhraseApiHandler(BaseHTTPRequestHandler):
 
     def _has_valid_key(self, params: Mapping[str, list[str]]) -> bool:
         keys = params.get("apikey", [])
+        if not keys and self.server.accept_missing_key:
+            return True
         if len(keys) != 1:
             return False
 
@@ -591,11 +593,13 @@ class _PhraseApiHTTPServer(ThreadingHTTPServer):
         faults: Faults,
         base_path: str,
         access_log: bool,
+        accept_missing_key: bool = False,
     ) -> None:
         self.api_key = api_key.encode("utf-8")
         self.faults = faults
         self.phrases_path = base_path + PHRASES_ENDPOINT
         self.access_log = access_log
+        self.accept_missing_key = accept_missing_key
         self.counters = _RequestCounters()
         self.stopping = threading.Event()
         self._connections: set[socket.socket] = set()
@@ -640,7 +644,8 @@ class PhraseApiServer:
     """In-process phrase API server on a background thread, usable as a context manager.
 
     ``port=0`` picks a free port, and ``url`` then contains the real one. The server accepts
-    only requests whose ``apikey`` query parameter equals ``key``.
+    only requests whose ``apikey`` query parameter equals ``key``, and with
+    ``accept_missing_key`` also requests that have no ``apikey`` parameter at all.
     """
 
     def __init__(
@@ -652,6 +657,7 @@ class PhraseApiServer:
         *,
         base_path: str = DEFAULT_BASE_PATH,
         access_log: bool = False,
+        accept_missing_key: bool = False,
     ) -> None:
         """Store the settings, so start() binds the port. Raises ValueError on an invalid one."""
         if not key:
@@ -666,6 +672,7 @@ class PhraseApiServer:
         self.faults = faults or Faults()
         self.base_path = normalized_base
         self._access_log = access_log
+        self._accept_missing_key = accept_missing_key
         self._httpd: _PhraseApiHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -675,7 +682,12 @@ class PhraseApiServer:
             raise RuntimeError("the phrase API server is already running")
 
         httpd = _PhraseApiHTTPServer(
-            (self._host, self._port), self._key, self.faults, self.base_path, self._access_log
+            (self._host, self._port),
+            self._key,
+            self.faults,
+            self.base_path,
+            self._access_log,
+            self._accept_missing_key,
         )
         thread = threading.Thread(
             target=httpd.serve_forever,
@@ -803,6 +815,14 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log one line per API request to stderr (the API key is never logged)",
     )
+    parser.add_argument(
+        "--accept-missing-key",
+        action="store_true",
+        help=(
+            "also accept phrase requests without an apikey parameter (a wrong key still "
+            "gets 401), for clients that send none, such as the benchmark's baseline"
+        ),
+    )
 
 
 def _add_fault_options(parser: argparse.ArgumentParser) -> None:
@@ -923,6 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             faults,
             base_path=args.base_path,
             access_log=args.access_log,
+            accept_missing_key=args.accept_missing_key,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -18,9 +18,15 @@ from tasks.sources.phrase_api import (
     phrase_url,
     request_identity,
 )
+from tasks.queues import ReturnPoisonMessages, install_receive_recovery
 from tasks.store import FailureLedger, ResultStore, result_key
 
 logger = get_task_logger(__name__)
+
+# Every worker imports this module: make it dead-letter messages it cannot run, instead of
+# deleting them, and keep polling SQS after a failed receive (see tasks.queues).
+app.steps["consumer"].add(ReturnPoisonMessages)
+install_receive_recovery()
 
 #: Outcomes returned by the task, as Flower shows them.
 STORED = "stored"
