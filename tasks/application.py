@@ -12,6 +12,7 @@ from tasks.errors import SettingError
 from tasks.redact import install_redaction
 from tasks.settings import Settings, get_settings
 from tasks.sqs_events import enable_sqs_monitoring
+from tasks.worker_steps import RunAllDueTimers
 
 
 def _settings_or_exit() -> Settings:
@@ -27,6 +28,7 @@ settings = _settings_or_exit()
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
+app.steps["worker"].add(RunAllDueTimers)
 try:
     enable_sqs_monitoring(app, settings)
 except RuntimeError as exc:
