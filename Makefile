@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-quick up enqueue bench verify clean
+.PHONY: demo test test-quick up enqueue status bench verify clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,18 @@ test-quick: $(VENV)/.installed
 up: $(VENV)/.installed
 	$(PY) -m stack up
 
+LOCAL_ENV := var/local.env
+NEED_UP = @test -f $(LOCAL_ENV) || { echo "error: $(LOCAL_ENV) not found: start the stack with make up first" >&2; exit 2; }
+
 ## enqueue: send data/ to the stack that `make up` runs
 enqueue: $(VENV)/.installed
-	set -a && . var/local.env && set +a && $(PY) enqueue.py
+	$(NEED_UP)
+	set -a && . ./$(LOCAL_ENV) && set +a && $(PY) enqueue.py
+
+## status: show the newest run on the stack that `make up` runs, until nothing is left
+status: $(VENV)/.installed
+	$(NEED_UP)
+	set -a && . ./$(LOCAL_ENV) && set +a && $(PY) enqueue.py status --wait
 
 ## bench: measure speed against the original algorithm and the API's bound
 bench: $(VENV)/.installed

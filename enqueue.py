@@ -12,11 +12,14 @@ sending stopped part-way (a re-run resumes where it stopped).
 from __future__ import annotations
 
 import argparse
+import signal
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.application import app, settings
 from tasks.dispatch import BatchSender
@@ -90,10 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         return status_main(argv[1:])
 
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_command(args)
+    except (BotoCoreError, ClientError) as exc:
+        return report_sqs_error(exc)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the enqueue, retry or dry-run command that `args` selects."""
     if args.retry_failed or args.dead_letters:
         return retry_main(args.retry_failed, args.dead_letters)
     if not args.data_dir.is_dir():
-        print(f"error: data directory {args.data_dir} not found", file=sys.stderr)
+        problem = "is not a directory" if args.data_dir.exists() else "not found"
+        print(f"error: data directory {args.data_dir} {problem}", file=sys.stderr)
         return EXIT_USAGE
 
     try:
@@ -133,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK if summary.ok else EXIT_REFUSED
 
 
+def report_sqs_error(exc: Exception) -> int:
+    """Print one line for an SQS call that failed, naming the endpoint; return the exit status."""
+    endpoint = settings.sqs_endpoint or f"AWS SQS in {settings.sqs_region}"
+    print(f"error: SQS request to {endpoint} failed: {exc}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so a stopped run records how far it got."""
+    raise KeyboardInterrupt
+
+
 def status_main(argv: list[str]) -> int:
     """Run `python enqueue.py status [RUN_ID] [--wait]`."""
     parser = argparse.ArgumentParser(
@@ -144,7 +169,10 @@ def status_main(argv: list[str]) -> int:
         "--wait", action="store_true", help="repeat every 2 s until nothing is left"
     )
     args = parser.parse_args(argv)
-    return status.report(settings, args.run_id, args.wait)
+    try:
+        return status.report(settings, args.run_id, args.wait)
+    except (BotoCoreError, ClientError) as exc:
+        return report_sqs_error(exc)
 
 
 def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
@@ -239,7 +267,7 @@ def send_failed_again() -> dict[str, int]:
                 if store.exists(phrase, key):
                     counts["already_stored"] += 1
                     continue
-                first = journal.claim(ledger_entry_id(entry), file, line)
+                first = journal.claim(ledger_entry_id(entry), phrase, file, line)
                 if first is not None and first.state == SENT:
                     counts["sent_before"] += 1
                     continue

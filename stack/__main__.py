@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from stack.processes import LOCAL_AWS_ENV, ROOT, LocalStack
+from stack.processes import LOCAL_AWS_ENV, ROOT, LocalStack, port_in_use
 
 #: Where the demo and `up` keep logs, the store and run journals (relative to the repository).
 VAR_DIR = ROOT / "var"
@@ -74,24 +74,37 @@ def run_demo(data_dir: Path) -> int:
 
 def run_up() -> int:
     """Start the local stack with Flower on fixed ports and keep it running until Ctrl+C."""
+    for port in (UP_SQS_PORT, UP_API_PORT, UP_FLOWER_PORT):
+        if port_in_use(port):
+            raise RuntimeError(f"port {port} on 127.0.0.1 is in use: is `make up` already running?")
+
     stack = LocalStack(log_dir=VAR_DIR / "logs", sqs_port=UP_SQS_PORT, api_port=UP_API_PORT)
     with stack:
         stack.start_sqs()
         stack.start_phrase_api()
         stack.start_worker("worker", 4)
         stack.start_flower(UP_FLOWER_PORT)
-        _write_env_file(stack, VAR_DIR / "local.env")
-        print(
-            f"SQS endpoint   {stack.sqs_endpoint}\n"
-            f"phrase API     {stack.api_url} (stand-in)\n"
-            f"Flower         http://127.0.0.1:{UP_FLOWER_PORT}\n"
-            f"logs           {stack.log_dir}\n"
-            "Feed it from another terminal with `make enqueue`. Ctrl+C stops everything."
-        )
-        while all(process.poll() is None for process in stack.processes.values()):
-            time.sleep(1)
-        stopped = [name for name, process in stack.processes.items() if process.poll() is not None]
-        raise RuntimeError(f"{', '.join(stopped)} stopped; see {stack.log_dir}")
+        env_file = VAR_DIR / "local.env"
+        _write_env_file(stack, env_file)
+        try:
+            _serve_until_stopped(stack)
+        finally:
+            env_file.unlink(missing_ok=True)
+
+
+def _serve_until_stopped(stack: LocalStack) -> None:
+    """Print where the stack listens, then wait until Ctrl+C or until a process stops."""
+    print(
+        f"SQS endpoint   {stack.sqs_endpoint}\n"
+        f"phrase API     {stack.api_url} (stand-in)\n"
+        f"Flower         http://127.0.0.1:{UP_FLOWER_PORT}\n"
+        f"logs           {stack.log_dir}\n"
+        "Feed it from another terminal with `make enqueue`. Ctrl+C stops everything."
+    )
+    while all(process.poll() is None for process in stack.processes.values()):
+        time.sleep(1)
+    stopped = [name for name, process in stack.processes.items() if process.poll() is not None]
+    raise RuntimeError(f"{', '.join(stopped)} stopped; see {stack.log_dir}")
 
 
 def _store_counts(store_dir: Path) -> dict[str, int]:

@@ -46,6 +46,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    """Return whether something accepts connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(
     port: int, process: subprocess.Popen | None = None, timeout_s: float = START_TIMEOUT_S
 ) -> None:

@@ -24,6 +24,9 @@ from tasks.store import ResultStore, result_key
 #: Duplicate rows reported one by one; the rest are only counted.
 MAX_DUPLICATES_SHOWN = 20
 
+#: Accepted messages collected before the journal records and commits them.
+RECORD_ACCEPTED_EVERY = 200
+
 #: Bytes read from the start of each file to estimate its row count for the progress bar.
 SAMPLE_BYTES = 65_536
 
@@ -136,7 +139,7 @@ class Enqueuer:
             sender.send("fetch_phrase", (item.phrase, item.file, item.line), tag=key)
         self.summary.sent += 1
 
-        if len(self._accepted) >= 1_000:
+        if len(self._accepted) >= RECORD_ACCEPTED_EVERY:
             self._record_accepted()
 
     def _record_accepted(self) -> None:

@@ -95,11 +95,15 @@ class RunJournal:
         return FirstSeen(first_file, first_line, state)
 
     def mark_sent(self, keys: Iterable[str]) -> None:
-        """Record that SQS accepted the messages for these requests."""
+        """Record, and commit, that SQS accepted the messages for these requests.
+
+        Committing here keeps `enqueue.py status` current and lets a run killed at any
+        point resume without sending an accepted row again.
+        """
         self._db.executemany(
             "UPDATE requests SET state = ? WHERE key = ?", ((SENT, key) for key in keys)
         )
-        self._count_write()
+        self.commit()
 
     def sent_requests(self) -> Iterable[tuple[str, str]]:
         """Yield (key, phrase) of every request SQS accepted."""

@@ -12,6 +12,7 @@ import functools
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
@@ -195,11 +196,20 @@ def load_settings(
             _float_range(0, 900),
             "seconds from 0 to 900",
         ),
-        store_dir=reader.get("INGEST_STORE_DIR", defaults.store_dir, Path, "a directory path"),
-        runs_dir=reader.get("INGEST_RUNS_DIR", defaults.runs_dir, Path, "a directory path"),
+        store_dir=reader.get("INGEST_STORE_DIR", defaults.store_dir, _path, "a directory path"),
+        runs_dir=reader.get("INGEST_RUNS_DIR", defaults.runs_dir, _path, "a directory path"),
     )
     _check_retry_window(settings)
+    _check_date_range(settings)
     return settings
+
+
+def _check_date_range(settings: Settings) -> None:
+    if settings.start_date and settings.end_date and settings.start_date > settings.end_date:
+        raise SettingError(
+            f"INGEST_START_DATE={settings.start_date} is invalid: expected a date on or before "
+            f"INGEST_END_DATE={settings.end_date}"
+        )
 
 
 def _check_retry_window(settings: Settings) -> None:
@@ -296,7 +306,13 @@ def _boolean(value: str) -> bool:
 def _date_or_empty(value: str) -> str:
     if value and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         raise ValueError(value)
+    if value:
+        date.fromisoformat(value)
     return value
+
+
+def _path(value: str) -> Path:
+    return Path(_nonempty(value))
 
 
 def _rate_limit(value: str) -> str:

@@ -46,6 +46,8 @@ def test_env_file_read_and_environment_wins(tmp_path: Path) -> None:
         ("INGEST_EVENTS", "maybe", "on or off"),
         ("INGEST_START_DATE", "2020/01/01", "a date YYYY-MM-DD"),
         ("INGEST_POLL_WAIT_S", "30", "whole seconds from 0 to 20"),
+        ("INGEST_START_DATE", "2021-02-30", "a date YYYY-MM-DD"),
+        ("INGEST_STORE_DIR", "", "a directory path"),
     ],
 )
 def test_malformed_value_named(name: str, value: str, expected: str) -> None:
