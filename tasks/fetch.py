@@ -59,7 +59,10 @@ def fetch_phrase(self: Task, phrase: str, source_file: str, line: int) -> str:
         raise
     except Exception as exc:
         logger.exception("%s: unexpected error, returning the message to the queue", row)
-        raise Reject(exc, requeue=True) from exc
+        # The reason is text, not the exception: Celery pickles it to the worker's main
+        # process, and an exception whose __init__ takes other arguments than its message
+        # (StoreError) fails to unpickle there, which stops the whole worker.
+        raise Reject(f"{type(exc).__name__}: {exc}", requeue=True) from exc
 
 
 def _fetch_and_store(task: Task, phrase: str, source_file: str, line: int) -> str:

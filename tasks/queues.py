@@ -131,8 +131,8 @@ def move_dead_letters(settings: Settings, task_name: str) -> DeadLetterMove:
     the dead-letter queue and are visible again when this returns. Raises botocore's
     ClientError or BotoCoreError when SQS fails, after moving what it could.
 
-    NOTE: a crash between the send and the delete leaves the message in both queues; the
-    task then runs twice, which `fetch_phrase` turns into a no-op for the second run.
+    NOTE: a crash between the send and the delete leaves the message in both queues, so
+    the task runs twice, and `fetch_phrase` makes the second run a no-op.
     """
     client = sqs_client(settings)
     source = client.get_queue_url(QueueName=dead_letter_queue_name(settings))["QueueUrl"]
