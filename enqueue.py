@@ -132,7 +132,7 @@ def run_command(args: argparse.Namespace) -> int:
     except (DispatchError, KeyboardInterrupt) as exc:
         # Enqueuer.run stops before it records the batches SQS confirmed last; without
         # them the journal would call those rows pending and a re-run would send them again.
-        enqueuer._record_accepted()
+        enqueuer.record_accepted()
         journal.set_meta("state", "interrupted")
         counts = journal.counts()
         journal.close()

@@ -95,7 +95,7 @@ class Enqueuer:
             with BatchSender(app, on_sent=self._accepted.extend) as sender:
                 self._read_all(files, progress, sender)
                 sender.flush()
-            self._record_accepted()
+            self.record_accepted()
         progress.finish()
         return self.summary
 
@@ -108,7 +108,7 @@ class Enqueuer:
             except InputFileError as exc:
                 self.summary.files_failed += 1
                 self._warn(f"error: {exc}")
-            self._record_accepted()
+            self.record_accepted()
 
     def _handle(self, item: Row | RowProblem, sender: BatchSender | None) -> None:
         self.summary.rows_read += 1
@@ -140,9 +140,10 @@ class Enqueuer:
         self.summary.sent += 1
 
         if len(self._accepted) >= RECORD_ACCEPTED_EVERY:
-            self._record_accepted()
+            self.record_accepted()
 
-    def _record_accepted(self) -> None:
+    def record_accepted(self) -> None:
+        """Commit to the journal the messages SQS accepted since the last call."""
         keys = []
         while self._accepted:
             keys.append(self._accepted.popleft())

@@ -71,6 +71,12 @@ class StoreError(Exception):
     def __init__(self, message: str, path: Path) -> None:
         super().__init__(f"{message}: {path}")
         self.path = path
+        self._message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path]]:
+        # Celery pickles exceptions between processes; the default would call
+        # StoreError with the formatted text alone and fail.
+        return (StoreError, (self._message, self.path))
 
 
 @dataclass
