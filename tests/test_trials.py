@@ -345,7 +345,7 @@ def test_broker_outage_resumes(trial: Trial) -> None:
     trial.ensure_queues()
     workers = [trial.start_worker("first"), trial.start_worker("second")]
     enqueue = trial.start_enqueue()
-    wait_for(lambda: trial.stored_count() >= 100, 120, "100 rows stored before the outage")
+    wait_for(lambda: trial.stored_count() >= 5, 120, "5 rows stored before the outage")
     assert enqueue.poll() is None, "enqueue.py finished before the outage; raise OUTAGE_ROWS"
 
     trial.proxy.cut(refuse=True)
