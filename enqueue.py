@@ -130,8 +130,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         summary = enqueuer.run()
     except (DispatchError, KeyboardInterrupt) as exc:
-        # Enqueuer.run stops before it records the batches SQS confirmed last; without
-        # them the journal would call those rows pending and a re-run would send them again.
+        # Enqueuer.run stops before it records the batches SQS confirmed last. Without
+        # them the journal would list those rows as pending, so a re-run would resend them.
         enqueuer.record_accepted()
         journal.set_meta("state", "interrupted")
         counts = journal.counts()

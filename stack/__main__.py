@@ -157,7 +157,7 @@ def _print_demo_summary(
 
 
 def _write_env_file(stack: LocalStack, path: Path) -> None:
-    """Write the settings another terminal needs to reach this stack (mode 0600: it holds the key)."""
+    """Write the settings another terminal needs to reach this stack (mode 0600, because it contains the key)."""
     values = dict(LOCAL_AWS_ENV)
     values.update(
         INGEST_SQS_ENDPOINT=stack.sqs_endpoint,

@@ -33,7 +33,7 @@ SAMPLE_BYTES = 65_536
 
 @dataclass
 class EnqueueSummary:
-    """What happened to every row of a run."""
+    """Outcome counts for every row of a run."""
 
     files: int = 0
     files_failed: int = 0

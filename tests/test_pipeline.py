@@ -106,7 +106,8 @@ def test_transient_faults_end_stored(stack: LocalStack, tmp_path: Path) -> None:
     stats = requests.get(f"http://127.0.0.1:{stack.api_port}/_stats", timeout=5).json()
     assert stats["by_phrase"]["Narnia"] == 3
     log = (stack.log_dir / "worker.log").read_text()
-    assert "retry in" in log and "server error: HTTP 503" in log
+    assert "retry in" in log
+    assert "server error: HTTP 503" in log
     assert "throttled: HTTP 429" in log
 
 

@@ -1,1 +1,1 @@
-"""Where rows are looked up: one module per REST source."""
+"""REST sources that rows are looked up in, one module each."""
