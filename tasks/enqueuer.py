@@ -121,6 +121,9 @@ class Enqueuer:
         key = result_key(request_identity(item.phrase, settings))
         if self._store.exists(item.phrase, key):
             self.summary.already_stored += 1
+            # A resumed run may list this row as pending because SQS's confirmation was
+            # lost; its stored result proves the message went out.
+            self._accepted.append(key)
             return
         first = self._journal.claim(key, item.phrase, item.file, item.line)
         if first is not None and (first.file, first.line) != (item.file, item.line):
