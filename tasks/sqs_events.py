@@ -58,6 +58,7 @@ from celery import Celery
 from kombu.pidbox import Mailbox
 from kombu.transport import SQS
 
+from tasks.acks import BatchedAckChannel
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,11 @@ _MONITORING_TRANSPORT = f"{__name__}:MonitoringTransport"
 # -- Adaptations 3, 4 and 5, and owned auto-delete queues: the SQS transport. --
 
 
-class MonitoringChannel(SQS.Channel):
-    """kombu's SQS channel with pidbox reply routing, blocking deletes and owned queues."""
+class MonitoringChannel(BatchedAckChannel):
+    """kombu's SQS channel with pidbox reply routing, blocking deletes and owned queues.
+
+    Its base, `tasks.acks.BatchedAckChannel`, also deletes acknowledged messages in batches.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -686,6 +690,7 @@ _INTERNAL_CHECKS: tuple[Callable[[], str | None], ...] = (
         ("self", "queue", "max_number_of_messages", "wait_time_seconds"),
     ),
     _signature_check(SQS.Channel, "_new_queue", ("self", "queue")),
+    _signature_check(SQS.Channel, "basic_ack", ("self", "delivery_tag", "multiple")),
     _signature_check(SQS.Channel, "queue_declare", ("self", "queue", "passive")),
     _signature_check(
         SQS.Channel, "queue_bind", ("self", "queue", "exchange", "routing_key", "arguments")
