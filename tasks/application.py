@@ -9,6 +9,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
 
 from tasks.errors import SettingError
+from tasks.queues import ReturnPoisonMessages, install_receive_recovery
 from tasks.redact import install_redaction
 from tasks.settings import Settings, get_settings
 from tasks.sqs_events import enable_sqs_monitoring
@@ -29,7 +30,11 @@ settings = _settings_or_exit()
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 app.steps["worker"].add(RunAllDueTimers)
+# Dead-letter messages a worker cannot run instead of deleting them, and keep polling SQS
+# after a failed receive (see tasks.queues).
+app.steps["consumer"].add(ReturnPoisonMessages)
 try:
+    install_receive_recovery()
     enable_sqs_monitoring(app, settings)
 except RuntimeError as exc:
     print(f"error: {exc}", file=sys.stderr)

@@ -18,15 +18,10 @@ from tasks.sources.phrase_api import (
     phrase_url,
     request_identity,
 )
-from tasks.queues import ReturnPoisonMessages, install_receive_recovery
 from tasks.store import FailureLedger, ResultStore, result_key
 
 logger = get_task_logger(__name__)
 
-# Every worker imports this module: make it dead-letter messages it cannot run, instead of
-# deleting them, and keep polling SQS after a failed receive (see tasks.queues).
-app.steps["consumer"].add(ReturnPoisonMessages)
-install_receive_recovery()
 
 #: Share of INGEST_RATE_LIMIT the worker keeps unused. Celery spaces tokens exactly
 #: 1/rate apart, but a request reaches the API a few milliseconds after its token, and
