@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SLUG_WORD = re.compile(r"[A-Za-z0-9]+")
 
+#: errno values for which ``Path.exists`` (Python 3.11) returns False instead of raising.
+_MISSING_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
 
 class StoreError(Exception):
     """An I/O operation on the store failed. ``path`` is the file or directory involved."""
@@ -142,6 +145,16 @@ def slugify(phrase: str) -> str:
             break
 
     return "-".join(words)[:SLUG_MAX_CHARS].rstrip("-")
+
+
+def _file_name(phrase: str, key: str) -> str:
+    """Return a result's file name, ``<slug>-<key[:32]>.json``. Raises ValueError for a bad key."""
+    if not isinstance(key, str) or not _SHA256_HEX.fullmatch(key):
+        raise ValueError(f"invalid result key {key!r}: expected 64 lowercase hex digits")
+
+    slug = slugify(phrase)
+    stem = key[:KEY_NAME_HEX_DIGITS]
+    return f"{slug}-{stem}.json" if slug else f"{stem}.json"
 
 
 def utc_timestamp() -> str:
@@ -230,7 +243,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _encode_record(record: Mapping[str, Any]) -> bytes:
-    text = json.dumps(record, ensure_ascii=False, sort_keys=True, indent=1, allow_nan=False)
+    # No `indent`: with it, json runs its pure-Python encoder, about four times slower.
+    text = json.dumps(record, ensure_ascii=False, sort_keys=True, allow_nan=False)
     return (text + "\n").encode("utf-8", JSON_ENCODE_ERRORS)
 
 
@@ -250,17 +264,25 @@ class ResultStore:
         a name of at most 78 ASCII bytes inside ``results/``. Raises ValueError unless
         ``key`` is 64 lowercase hex digits, as returned by ``result_key``.
         """
-        if not isinstance(key, str) or not _SHA256_HEX.fullmatch(key):
-            raise ValueError(f"invalid result key {key!r}: expected 64 lowercase hex digits")
-
-        slug = slugify(phrase)
-        stem = key[:KEY_NAME_HEX_DIGITS]
-        name = f"{slug}-{stem}.json" if slug else f"{stem}.json"
-        return self.results / key[:2] / name
+        return self.results / key[:2] / _file_name(phrase, key)
 
     def exists(self, phrase: str, key: str) -> bool:
-        """Return True if a result file for this phrase and key exists."""
-        return self.path_for(phrase, key).exists()
+        """Return True if a result file for this phrase and key exists.
+
+        Raises ValueError for an invalid key, as ``path_for`` does. Like ``Path.exists``,
+        returns False when the path or a parent is missing, and raises OSError for other
+        failures, such as a directory without search permission.
+        """
+        # enqueue.py checks every row. A str path with os.stat takes about 9 microseconds
+        # with the slug, against 14 through pathlib (Python 3.11).
+        path = os.path.join(self.results, key[:2], _file_name(phrase, key))
+        try:
+            os.stat(path)
+        except OSError as error:
+            if error.errno in _MISSING_PATH_ERRNOS:
+                return False
+            raise
+        return True
 
     def get(self, phrase: str, key: str) -> dict | None:
         """Read and return a stored record, or None if there is none.
