@@ -3,7 +3,7 @@
 kombu 5.7 acknowledges each SQS message with its own blocking DeleteMessage call, made
 by the worker's main process. With a prefork pool every pool process's acks wait in
 that one process, and each costs the SQS endpoint a full request. `BatchedAckChannel`
-releases the message at once, as kombu does, and hands its receipt handle to an
+frees the message's prefetch slot at once and hands its receipt handle to an
 `AckBatcher`, whose thread sends DeleteMessageBatch calls of up to ten entries.
 
 An ack waits at most ACK_FLUSH_S before its batch goes out. A delete that never

@@ -34,8 +34,8 @@ app.steps["worker"].add(RunAllDueTimers)
 # after a failed receive (see tasks.queues).
 app.steps["consumer"].add(ReturnPoisonMessages)
 try:
+    enable_sqs_monitoring(app, settings)  # first, because it names the kombu version installed
     install_receive_recovery()
-    enable_sqs_monitoring(app, settings)
 except RuntimeError as exc:
     print(f"error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
