@@ -25,7 +25,7 @@ from tasks.application import app, settings
 from tasks.dispatch import BatchSender
 from tasks.enqueuer import Enqueuer, EnqueueSummary
 from tasks.errors import DispatchError
-from tasks.journal import SENT, RunJournal
+from tasks.journal import SENT, RunInUseError, RunJournal
 from tasks.queues import dead_letter_queue_name, ensure_queues, move_dead_letters
 from tasks.rows import ReadOptions, parse_delimiter
 from tasks import status
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     except (BotoCoreError, ClientError) as exc:
         return report_sqs_error(exc)
+    except RunInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -179,7 +182,7 @@ def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
     """Resume the newest run if it was interrupted on the same directory, else start one."""
     latest = RunJournal.latest(settings.runs_dir)
     if latest is not None and not new_run:
-        journal = RunJournal(latest)
+        journal = RunJournal(latest, lock=True)
         meta = journal.meta()
         if meta.get("state") != "finished" and meta.get("data_dir") == str(data_dir.resolve()):
             print(f"resuming interrupted run {journal.run_id}", file=sys.stderr)
@@ -250,7 +253,7 @@ def send_failed_again() -> dict[str, int]:
 
     journal_path = settings.runs_dir / RETRY_JOURNAL
     journal_path.parent.mkdir(parents=True, exist_ok=True)
-    journal = RunJournal(journal_path)
+    journal = RunJournal(journal_path, lock=True)
     store = ResultStore(settings.store_dir)
     counts = dict.fromkeys(["entries", "sent", "sent_before", "already_stored", "shortened"], 0)
     entry_ids: dict[str, list[str]] = {}  # request key -> the ledger entries its task covers

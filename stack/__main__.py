@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -157,17 +158,20 @@ def _print_demo_summary(
 
 
 def _write_env_file(stack: LocalStack, path: Path) -> None:
-    """Write the settings another terminal needs to reach this stack (mode 0600, because it contains the key)."""
+    """Write the settings another terminal needs to reach this stack (mode 0600, because it contains the key).
+
+    Every INGEST_* setting of the stack's worker goes in, so that enqueue.py uses the
+    same queue, visibility timeout and store as the worker.
+    """
+    environment = stack.env()
     values = dict(LOCAL_AWS_ENV)
     values.update(
-        INGEST_SQS_ENDPOINT=stack.sqs_endpoint,
-        INGEST_API_URL=stack.api_url,
-        INGEST_API_KEY=stack.api_key,
+        (name, value) for name, value in environment.items() if name.startswith("INGEST_")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
-    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    path.write_text("".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items()))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -159,8 +159,9 @@ class LocalStack:
             f"--hostname={name}@%h",
             *extra,
         ]
+        written_before = log_path.stat().st_size if log_path.exists() else 0
         process = self.spawn(name, command, self.env(**dict(env or {})))
-        wait_for_log(log_path, "ready.", process)
+        wait_for_log(log_path, "ready.", process, after_byte=written_before)
         return process
 
     def start_flower(self, port: int = 5555) -> subprocess.Popen:
@@ -251,12 +252,21 @@ class LocalStack:
 
 
 def wait_for_log(
-    path: Path, text: str, process: subprocess.Popen, timeout_s: float = START_TIMEOUT_S
+    path: Path,
+    text: str,
+    process: subprocess.Popen,
+    timeout_s: float = START_TIMEOUT_S,
+    after_byte: int = 0,
 ) -> None:
-    """Wait until `text` appears in the log at `path`; raise RuntimeError if the process dies first."""
+    """Wait until `text` appears in the log at `path` after its first `after_byte` bytes.
+
+    Raises RuntimeError if the process dies first or `timeout_s` passes. Pass the log's
+    size before the process started, so that an earlier run's lines do not count.
+    """
     deadline = time.monotonic() + timeout_s
+    wanted = text.encode()
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
+        if path.exists() and wanted in _read_from(path, after_byte):
             return
         if process.poll() is not None:
             raise RuntimeError(
@@ -264,6 +274,12 @@ def wait_for_log(
             )
         time.sleep(0.2)
     raise RuntimeError(f"{text!r} not in {path} after {timeout_s:.0f} s")
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read()
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

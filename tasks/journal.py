@@ -7,6 +7,8 @@ interrupted run resume without sending a row twice.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,11 +46,21 @@ class FirstSeen:
     state: str
 
 
-class RunJournal:
-    """One run's journal file: `create` starts a new one, `RunJournal(path)` opens one."""
+class RunInUseError(Exception):
+    """Another process is sending the run whose journal was opened with `lock=True`."""
 
-    def __init__(self, path: Path) -> None:
+
+class RunJournal:
+    """One run's journal file: `create` starts a new one, `RunJournal(path)` opens one.
+
+    With `lock=True` the journal is this process's alone until `close()`: a second
+    process that asks for the lock gets `RunInUseError`. Readers such as `status` open
+    it without the lock.
+    """
+
+    def __init__(self, path: Path, lock: bool = False) -> None:
         self.path = path
+        self._lock_fd = _lock_run(path) if lock else None
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -66,7 +78,7 @@ class RunJournal:
         """Start a new run journal in `runs_dir`, named by the UTC start time."""
         runs_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        journal = cls(runs_dir / f"{stamp}.sqlite")
+        journal = cls(runs_dir / f"{stamp}.sqlite", lock=True)
         journal.set_meta("data_dir", str(data_dir.resolve()))
         journal.set_meta("started_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         journal.set_meta("state", "running")
@@ -135,8 +147,26 @@ class RunJournal:
     def close(self) -> None:
         self._db.execute("COMMIT")
         self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     def _count_write(self) -> None:
         self._uncommitted += 1
         if self._uncommitted >= COMMIT_EVERY_ROWS:
             self.commit()
+
+
+def _lock_run(path: Path) -> int:
+    """Take the exclusive lock of a run, held by the returned descriptor; raise RunInUseError."""
+    lock_path = path.with_suffix(".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunInUseError(
+            f"run {path.stem} is being sent by another enqueue.py right now ({lock_path} is "
+            "locked): wait for it to end, or pass --new-run to start a separate run"
+        ) from None
+    return fd

@@ -319,9 +319,10 @@ def install_receive_recovery() -> None:
     found = list(inspect.signature(_STOCK_GET_ASYNC).parameters)
     if kombu.__version__ != RECOVERY_KOMBU_VERSION or found != expected:
         raise RuntimeError(
-            f"tasks.queues.install_receive_recovery supports kombu {RECOVERY_KOMBU_VERSION} "
-            f"with Channel._get_async{tuple(expected)}; found kombu {kombu.__version__} with "
-            f"{tuple(found)}: check kombu/transport/SQS before upgrading"
+            f"tasks.queues.install_receive_recovery was written for kombu "
+            f"{RECOVERY_KOMBU_VERSION} with Channel._get_async{tuple(expected)}, but kombu "
+            f"{kombu.__version__} is installed, with Channel._get_async{tuple(found)}: check "
+            "kombu/transport/SQS before upgrading"
         )
     SQS.Channel._get_async = _get_async_with_recovery
 
@@ -335,6 +336,9 @@ def _get_async_with_recovery(
     next_poll = ensure_promise(callback)
 
     def on_reply(reply: Any) -> None:
+        if self.closed:
+            _release_after_close(self, queue_url, queue_name, reply)
+            return
         if not isinstance(reply, dict):
             _receive_failed(
                 self, queue_name, "no reply (network error, timeout or HTTP 5xx)", next_poll
@@ -344,6 +348,9 @@ def _get_async_with_recovery(
         next_poll(self._on_messages_ready(queue_url, queue, reply))
 
     def on_error(exc: BaseException) -> None:
+        if self.closed:
+            logger.debug("receive from SQS queue %s ended after shutdown: %r", queue_name, exc)
+            return
         _receive_failed(self, queue_name, repr(exc), next_poll)
 
     return self._get_from_sqs(
@@ -353,6 +360,24 @@ def _get_async_with_recovery(
         connection=self.asynsqs(queue=queue_name),
         callback=promise(on_reply, on_error=on_error),
     )
+
+
+def _release_after_close(channel: SQS.Channel, queue_url: str, queue_name: str, reply: Any) -> None:
+    """Make visible again the messages of a receive that returned after its channel closed.
+
+    Without this they stay invisible until the visibility timeout.
+
+    NOTE: a worker that exits before its outstanding long poll returns never receives the
+    reply, so SQS (moto, at least) still hands up to ten messages to the closed poll.
+    They come back after the visibility timeout: delayed, not lost.
+    """
+    messages = reply.get("Messages") if isinstance(reply, dict) else None
+    if not messages:
+        return
+    try:
+        channel._release_messages(queue_url, queue_name, messages)
+    except Exception as exc:  # best effort: the messages return after the timeout anyway
+        logger.info("failed to release %d message(s) received at shutdown: %r", len(messages), exc)
 
 
 def _failure_counts(channel: SQS.Channel) -> Counter[str]:

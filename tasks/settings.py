@@ -176,7 +176,7 @@ def load_settings(
             "INGEST_RATE_LIMIT",
             defaults.rate_limit,
             _rate_limit,
-            "a Celery rate such as 10/s, 600/m or 36000/h, or empty for none",
+            "a rate above 0 such as 10/s, 600/m or 36000/h, or empty for none",
         ),
         max_retries=reader.get(
             "INGEST_MAX_RETRIES",
@@ -318,4 +318,6 @@ def _path(value: str) -> Path:
 def _rate_limit(value: str) -> str:
     if value and not _RATE_LIMIT.fullmatch(value):
         raise ValueError(value)
+    if value and float(value.partition("/")[0]) <= 0:
+        raise ValueError(value)  # Celery reads a rate of 0 as no limit at all
     return value

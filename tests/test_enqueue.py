@@ -15,6 +15,7 @@ import pytest
 
 from stack.processes import LocalStack
 from support import run_enqueue
+from tasks.journal import RunJournal
 
 
 def sent_rows(stack: LocalStack) -> list[tuple[str, str, int]]:
@@ -184,3 +185,20 @@ def test_dry_run_sends_nothing(stack: LocalStack, tmp_path: Path) -> None:
     assert "refused:          1" in result.stdout
     client = stack.sqs_client()
     assert stack.settings["INGEST_QUEUE"] not in str(client.list_queues().get("QueueUrls", []))
+
+
+def test_run_in_use_refused(stack: LocalStack, tmp_path: Path) -> None:
+    directory = data_dir(tmp_path, {"a.csv": b"phrase\nOne\nTwo\n"})
+    running = RunJournal.create(Path(stack.settings["INGEST_RUNS_DIR"]), directory)
+
+    try:
+        second = run_enqueue(stack, str(directory))
+    finally:
+        running.close()
+    after = run_enqueue(stack, str(directory))
+
+    assert second.returncode == 2
+    assert f"run {running.run_id} is being sent by another enqueue.py" in second.stderr
+    assert after.returncode == 0
+    source = str(directory / "a.csv")
+    assert sent_rows(stack) == [("One", source, 2), ("Two", source, 3)]

@@ -9,6 +9,7 @@ a usage error, such as a store directory that does not exist.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import unicodedata
 from pathlib import Path
@@ -126,5 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_failures(store_dir)
 
 
+def _exit_quietly_on_closed_pipe() -> None:
+    """Exit without a traceback when the reader of stdout stops early, as `| head` does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python would report the failed final flush
+    sys.exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _exit_quietly_on_closed_pipe()
+    sys.exit(status)
