@@ -58,7 +58,7 @@ from celery import Celery
 from kombu.pidbox import Mailbox
 from kombu.transport import SQS
 
-from tasks.acks import BatchedAckChannel
+from tasks.batching import BatchingChannel
 from tasks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,11 @@ _MONITORING_TRANSPORT = f"{__name__}:MonitoringTransport"
 # -- Adaptations 3, 4 and 5, and owned auto-delete queues: the SQS transport. --
 
 
-class MonitoringChannel(BatchedAckChannel):
+class MonitoringChannel(BatchingChannel):
     """kombu's SQS channel with pidbox reply routing, blocking deletes and owned queues.
 
-    Its base, `tasks.acks.BatchedAckChannel`, also deletes acknowledged messages in batches.
+    Its base, `tasks.batching.BatchingChannel`, deletes acked messages and publishes
+    events in batches.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -691,6 +692,7 @@ _INTERNAL_CHECKS: tuple[Callable[[], str | None], ...] = (
     ),
     _signature_check(SQS.Channel, "_new_queue", ("self", "queue")),
     _signature_check(SQS.Channel, "basic_ack", ("self", "delivery_tag", "multiple")),
+    _signature_check(SQS.Channel, "_put_fanout", ("self", "exchange", "message", "routing_key")),
     _signature_check(SQS.Channel, "queue_declare", ("self", "queue", "passive")),
     _signature_check(
         SQS.Channel, "queue_bind", ("self", "queue", "exchange", "routing_key", "arguments")

@@ -1,4 +1,4 @@
-"""Batched deletes of acknowledged messages (tasks/acks.py), against the session's moto server."""
+"""Batched deletes and event publishes (tasks/batching.py), against the session's moto server."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from botocore.config import Config
 
 from stack.processes import LOCAL_AWS_ENV, LocalStack, free_port
-from tasks.acks import ACK_FLUSH_S, AckBatcher
+from tasks.batching import FLUSH_S, Batcher, delete_messages, publish_events
 from tasks.queues import queue_depth
 from support import run_enqueue, write_csv
 
@@ -53,7 +53,7 @@ def _receive_all(client: Any, url: str, count: int) -> list[str]:
 def test_close_deletes_all(queue: tuple[Any, str, str]) -> None:
     client, name, url = queue
     handles = _receive_all(client, url, 25)
-    batcher = AckBatcher()
+    batcher = Batcher(delete_messages, "test-acks")
 
     for handle in handles:
         batcher.add(client, url, handle)
@@ -64,11 +64,11 @@ def test_close_deletes_all(queue: tuple[Any, str, str]) -> None:
 
 def test_single_ack_sent_without_close(queue: tuple[Any, str, str]) -> None:
     client, name, url = queue
-    batcher = AckBatcher()
+    batcher = Batcher(delete_messages, "test-acks")
 
     for handle in _receive_all(client, url, 2):
         batcher.add(client, url, handle)
-        time.sleep(ACK_FLUSH_S * 4)  # each ack alone, after the sender went back to waiting
+        time.sleep(FLUSH_S * 4)  # each ack alone, after the sender went back to waiting
     deadline = time.monotonic() + 5
     while queue_depth(client, name)["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -82,9 +82,9 @@ def test_bad_handle_logged_others_deleted(
 ) -> None:
     client, name, url = queue
     handles = _receive_all(client, url, 3)
-    batcher = AckBatcher()
+    batcher = Batcher(delete_messages, "test-acks")
 
-    with caplog.at_level(logging.WARNING, logger="tasks.acks"):
+    with caplog.at_level(logging.WARNING, logger="tasks.batching"):
         for handle in [*handles, "not-a-receipt-handle"]:
             batcher.add(client, url, handle)
         batcher.close()
@@ -95,13 +95,14 @@ def test_bad_handle_logged_others_deleted(
 
 def test_unreachable_endpoint_logged(caplog: pytest.LogCaptureFixture, sqs_port: int) -> None:
     dead = _client(f"http://127.0.0.1:{free_port()}")
-    batcher = AckBatcher()
+    batcher = Batcher(delete_messages, "test-acks")
 
-    with caplog.at_level(logging.WARNING, logger="tasks.acks"):
+    with caplog.at_level(logging.WARNING, logger="tasks.batching"):
         batcher.add(dead, "http://127.0.0.1/queue", "handle")
         batcher.close()
 
     assert "failed to delete 1 acknowledged message(s)" in caplog.text
+    assert "delete_message_batch failed 3 times" in caplog.text
 
 
 def test_worker_leaves_queue_empty(stack: LocalStack, tmp_path: Path) -> None:
@@ -114,3 +115,57 @@ def test_worker_leaves_queue_empty(stack: LocalStack, tmp_path: Path) -> None:
     stack.wait_until_drained(timeout_s=60)
 
     assert "failed to delete" not in (stack.log_dir / "worker.log").read_text()
+
+
+def _sns_client(endpoint: str) -> Any:
+    return boto3.client(
+        "sns",
+        endpoint_url=endpoint,
+        region_name=LOCAL_AWS_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def test_events_all_delivered(queue: tuple[Any, str, str], sqs_port: int) -> None:
+    client, _name, url = queue
+    sns = _sns_client(f"http://127.0.0.1:{sqs_port}")
+    topic = sns.create_topic(Name=f"events-{uuid.uuid4().hex[:12]}")["TopicArn"]
+    queue_arn = client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    sns.subscribe(
+        TopicArn=topic,
+        Protocol="sqs",
+        Endpoint=queue_arn["Attributes"]["QueueArn"],
+        Attributes={"RawMessageDelivery": "true"},
+    )
+    batcher = Batcher(publish_events, "test-events")
+
+    for number in range(25):
+        batcher.add(sns, topic, f'{{"n": {number}}}')
+    batcher.close()
+
+    bodies: list[str] = []
+    while len(bodies) < 25:
+        reply = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        if not reply.get("Messages"):
+            break
+        bodies += [message["Body"] for message in reply["Messages"]]
+    assert sorted(bodies, key=lambda body: int(body[6:-1])) == [
+        f'{{"n": {number}}}' for number in range(25)
+    ]
+
+
+def test_large_events_split_by_size(queue: tuple[Any, str, str], sqs_port: int) -> None:
+    sns = _sns_client(f"http://127.0.0.1:{sqs_port}")
+    topic = sns.create_topic(Name=f"events-{uuid.uuid4().hex[:12]}")["TopicArn"]
+    calls: list[int] = []
+    original = sns.publish_batch
+
+    def counting(**parameters: Any) -> Any:
+        calls.append(len(parameters["PublishBatchRequestEntries"]))
+        return original(**parameters)
+
+    sns.publish_batch = counting  # counts the calls to the real endpoint; sends them unchanged
+    publish_events(sns, topic, ["x" * 100_000] * 5)
+
+    assert calls == [2, 2, 1]
