@@ -18,9 +18,9 @@ from tasks.queues import queue_depth
 from support import run_enqueue, write_csv
 
 
-def _client(endpoint: str) -> Any:
+def _client(endpoint: str, service: str = "sqs") -> Any:
     return boto3.client(
-        "sqs",
+        service,
         endpoint_url=endpoint,
         region_name=LOCAL_AWS_ENV["AWS_DEFAULT_REGION"],
         aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
@@ -117,19 +117,9 @@ def test_worker_leaves_queue_empty(stack: LocalStack, tmp_path: Path) -> None:
     assert "failed to delete" not in (stack.log_dir / "worker.log").read_text()
 
 
-def _sns_client(endpoint: str) -> Any:
-    return boto3.client(
-        "sns",
-        endpoint_url=endpoint,
-        region_name=LOCAL_AWS_ENV["AWS_DEFAULT_REGION"],
-        aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=LOCAL_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
-
-
 def test_events_all_delivered(queue: tuple[Any, str, str], sqs_port: int) -> None:
     client, _name, url = queue
-    sns = _sns_client(f"http://127.0.0.1:{sqs_port}")
+    sns = _client(f"http://127.0.0.1:{sqs_port}", "sns")
     topic = sns.create_topic(Name=f"events-{uuid.uuid4().hex[:12]}")["TopicArn"]
     queue_arn = client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
     sns.subscribe(
@@ -156,7 +146,7 @@ def test_events_all_delivered(queue: tuple[Any, str, str], sqs_port: int) -> Non
 
 
 def test_large_events_split_by_size(queue: tuple[Any, str, str], sqs_port: int) -> None:
-    sns = _sns_client(f"http://127.0.0.1:{sqs_port}")
+    sns = _client(f"http://127.0.0.1:{sqs_port}", "sns")
     topic = sns.create_topic(Name=f"events-{uuid.uuid4().hex[:12]}")["TopicArn"]
     calls: list[int] = []
     original = sns.publish_batch
