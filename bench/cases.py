@@ -62,10 +62,11 @@ class Sizes:
     latency_thread_tasks: int
     rate_tasks: int
     memory_rows: tuple[int, int]
+    events_tasks: int
 
 
-FULL = Sizes(10_000, 2_000, 200, 1_000, 300, (100_000, 1_000_000))
-QUICK = Sizes(2_000, 500, 100, 300, 100, (10_000, 100_000))
+FULL = Sizes(10_000, 2_000, 200, 1_000, 300, (100_000, 1_000_000), 2_000)
+QUICK = Sizes(2_000, 500, 100, 300, 100, (10_000, 100_000), 500)
 
 
 @dataclass
@@ -375,6 +376,30 @@ class Bench:
             verdict,
         )
 
+    def case_events(self) -> None:
+        """Events: tasks/s of one prefork worker (4) with INGEST_EVENTS off, then on."""
+        tasks = self.sizes.events_tasks
+        rates = {}
+        for setting in ("off", "on"):
+            name = f"events-{setting}"
+            env = self.case_env(name)
+            env["INGEST_EVENTS"] = setting
+            self.enqueue_ours(name, tasks, env=env)
+            self.log(f"events {setting}: prefork, concurrency 4, {tasks:,} tasks")
+            result = self.drain_ours(name, tasks, 4, env=env, timeout_s=300)
+            self.data[name] = result
+            rates[setting] = result["rate"]
+            size = f"{result['tasks']:,} tasks" + (" (timed out)" if result["timed_out"] else "")
+            self.rows.append(
+                Row(
+                    "Drain, events",
+                    f"ours: INGEST_EVENTS={setting}, prefork, concurrency 4",
+                    size,
+                    f"{result['rate']:,.1f} tasks/s",
+                    "" if setting == "off" else f"{result['rate'] / rates['off']:.0%} of off",
+                )
+            )
+
     def case_latency(self) -> None:
         """API latency 200 ms: requests/s of a prefork worker (4) and a thread-pool worker (50)."""
         variants = (
@@ -499,7 +524,7 @@ class Bench:
                 getattr(self, f"case_{name}")()
 
 
-CASE_ORDER = ("enqueue", "drain", "latency", "rate_limit", "memory")
+CASE_ORDER = ("enqueue", "drain", "events", "latency", "rate_limit", "memory")
 
 
 def _verdict(met: bool) -> str:

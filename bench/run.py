@@ -1,6 +1,6 @@
 """Measure the pipeline's speed against the original algorithm and the machine's limits.
 
-    python bench/run.py [--quick] [--cases enqueue,drain,latency,rate_limit,memory]
+    python bench/run.py [--quick] [--cases enqueue,drain,events,latency,rate_limit,memory]
                         [--baseline PATH] [--work-dir DIR]
 
 Starts its own SQS endpoint (bench/sqs_endpoint.py) and phrase-API stand-ins on
