@@ -127,8 +127,8 @@ def run_command(args: argparse.Namespace) -> int:
         print_summary(summary, time.monotonic() - started, dry_run=True)
         return EXIT_OK if summary.ok else EXIT_REFUSED
 
+    journal = open_journal(args.data_dir, args.new_run)  # first: a busy run stops this one at once
     ensure_queues(settings)
-    journal = open_journal(args.data_dir, args.new_run)
     enqueuer = Enqueuer(args.data_dir, options, journal)
     try:
         summary = enqueuer.run()
@@ -182,13 +182,14 @@ def open_journal(data_dir: Path, new_run: bool) -> RunJournal:
     """Resume the newest run if it was interrupted on the same directory, else start one."""
     latest = RunJournal.latest(settings.runs_dir)
     if latest is not None and not new_run:
-        journal = RunJournal(latest, lock=True)
-        meta = journal.meta()
+        reader = RunJournal(latest)
+        meta = reader.meta()
+        reader.close()
         if meta.get("state") != "finished" and meta.get("data_dir") == str(data_dir.resolve()):
+            journal = RunJournal(latest, lock=True)  # raises RunInUseError while it is being sent
             print(f"resuming interrupted run {journal.run_id}", file=sys.stderr)
             journal.set_meta("state", "running")
             return journal
-        journal.close()
     return RunJournal.create(settings.runs_dir, data_dir)
 
 

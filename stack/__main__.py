@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(data_dir: Path) -> int:
     """Run the whole job once on `data_dir` against a fresh local stack."""
     started = time.monotonic()
-    store_dir = VAR_DIR / "store"
-    counts_before = _store_counts(store_dir)
-
     with LocalStack(log_dir=VAR_DIR / "logs") as stack:
+        store_dir = stack.ingest_settings().store_dir
+        counts_before = _store_counts(store_dir)
         print(f"starting SQS endpoint, phrase-API stand-in and worker (logs in {stack.log_dir})")
         stack.start_sqs()
         stack.start_phrase_api()

@@ -207,7 +207,7 @@ class LocalStack:
         from tasks.queues import queue_depth
 
         client = self.sqs_client()
-        queue = self.env().get("INGEST_QUEUE", "phrases")
+        queue = self.ingest_settings().queue_name
         deadline = time.monotonic() + timeout_s
         seen_empty = 0
         while seen_empty < empty_polls:
@@ -222,6 +222,12 @@ class LocalStack:
                 raise RuntimeError(f"{', '.join(stopped)} stopped early; see {self.log_dir}")
             time.sleep(1.0)
             seen_empty = seen_empty + 1 if sum(queue_depth(client, queue).values()) == 0 else 0
+
+    def ingest_settings(self) -> Any:
+        """Return the `tasks.settings.Settings` that this stack's processes read, .env included."""
+        from tasks.settings import load_settings
+
+        return load_settings(self.env(), ROOT / ".env")
 
     def sqs_client(self) -> Any:
         """Return a boto3 SQS client for this stack's endpoint."""

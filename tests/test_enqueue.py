@@ -202,3 +202,19 @@ def test_run_in_use_refused(stack: LocalStack, tmp_path: Path) -> None:
     assert after.returncode == 0
     source = str(directory / "a.csv")
     assert sent_rows(stack) == [("One", source, 2), ("Two", source, 3)]
+
+
+def test_other_directory_runs_beside(stack: LocalStack, tmp_path: Path) -> None:
+    busy = data_dir(tmp_path, {"a.csv": b"phrase\nOne\n"})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.csv").write_bytes(b"phrase\nTwo\n")
+    running = RunJournal.create(Path(stack.settings["INGEST_RUNS_DIR"]), busy)
+
+    try:
+        result = run_enqueue(stack, str(other))
+    finally:
+        running.close()
+
+    assert result.returncode == 0, result.stderr
+    assert sent_rows(stack) == [("Two", str(other / "b.csv"), 2)]

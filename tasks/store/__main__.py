@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import unicodedata
 from pathlib import Path
@@ -128,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_quietly_on_closed_pipe() -> None:
-    """Exit without a traceback when the reader of stdout stops early, as `| head` does."""
+    """Exit without a traceback when the reader of stdout stops early, as `| head` does.
+
+    The status is the shell's for a process ended by SIGPIPE (141), never 0, because
+    the command stopped before it could tell whether the store is clean.
+    """
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())  # Python would report the failed final flush
-    sys.exit(0)
+    sys.exit(128 + signal.SIGPIPE)
 
 
 if __name__ == "__main__":
