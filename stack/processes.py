@@ -270,9 +270,9 @@ def wait_for_log(
     size before the process started, so that an earlier run's lines do not count.
     """
     deadline = time.monotonic() + timeout_s
-    wanted = text.encode()
+    expected = text.encode()
     while time.monotonic() < deadline:
-        if path.exists() and wanted in _read_from(path, after_byte):
+        if path.exists() and expected in _read_from(path, after_byte):
             return
         if process.poll() is not None:
             raise RuntimeError(

@@ -25,8 +25,8 @@ logger = get_task_logger(__name__)
 
 #: Share of INGEST_RATE_LIMIT the worker keeps unused. Celery spaces tokens exactly
 #: 1/rate apart, but a request reaches the API a few milliseconds after its token, and
-#: that delay varies; the spare 2 % of each second (20 ms) absorbs the variation, so no
-#: window of one second holds more requests than the limit. Measured with 10/s: 9.6 to
+#: that delay varies. The spare 2 % of each second (20 ms) absorbs the variation, so no
+#: window of one second contains more requests than the limit. Measured with 10/s: 9.6 to
 #: 9.7 requests/s, at most 10 in any second (bench/run.py --cases rate_limit).
 RATE_LIMIT_HEADROOM = 0.02
 

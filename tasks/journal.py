@@ -54,7 +54,7 @@ class RunJournal:
     """One run's journal file: `create` starts a new one, `RunJournal(path)` opens one.
 
     With `lock=True` the journal is this process's alone until `close()`: a second
-    process that asks for the lock gets `RunInUseError`. Readers such as `status` open
+    process that requests the lock gets `RunInUseError`. Readers such as `status` open
     it without the lock.
     """
 

@@ -55,6 +55,20 @@ print(json.dumps({"reference": reference, "copied": copied, "templated": templat
 """
 
 
+def run_script(stack: LocalStack, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -c script args` against `stack`; fail the test unless it exits 0."""
+    finished = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr
+    return finished
+
+
 def receive_all(stack: LocalStack, expected: int) -> dict[str, str]:
     """Receive and delete `expected` messages; return each envelope's JSON text by task id."""
     client = stack.sqs_client()
@@ -74,15 +88,7 @@ def receive_all(stack: LocalStack, expected: int) -> dict[str, str]:
 def send_both_ways(stack: LocalStack, tmp_path: Path, rows: list[list]) -> dict:
     rows_path = tmp_path / "rows.json"
     rows_path.write_text(json.dumps(rows), encoding="utf-8")
-    finished = subprocess.run(
-        [sys.executable, "-c", SEND_BOTH_WAYS, str(rows_path)],
-        cwd=ROOT,
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert finished.returncode == 0, finished.stderr
+    finished = run_script(stack, SEND_BOTH_WAYS, str(rows_path))
     assert "cannot serve as a template" not in finished.stderr, finished.stderr
     return json.loads(finished.stdout.splitlines()[-1])
 
@@ -142,15 +148,7 @@ with BatchSender(app) as sender:
     print(json.dumps([delayed, first, copied, expires, after_delayed,
                       sender.has_template("fetch_phrase")]))
 """
-    finished = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert finished.returncode == 0, finished.stderr
+    finished = run_script(stack, script)
     delayed, first, copied, expires, after_delayed, templated = json.loads(finished.stdout)
     texts = receive_all(stack, 4)
 

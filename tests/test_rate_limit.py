@@ -1,4 +1,4 @@
-"""INGEST_RATE_LIMIT on a real worker: the rate is reached, and no second holds more requests."""
+"""INGEST_RATE_LIMIT on a real worker: the rate is reached, and no second contains more requests."""
 
 from __future__ import annotations
 
