@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Also when SIGINT was inherited as ignored, as by `make up &` from a script.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         return run_demo(Path(args.data)) if args.command == "demo" else run_up()
     except KeyboardInterrupt:
